@@ -1,0 +1,1 @@
+"""caad: the CAAD training framework."""

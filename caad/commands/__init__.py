@@ -1,0 +1,1 @@
+"""Subcommands of the ``caad`` command line (see ``caad.cli``)."""

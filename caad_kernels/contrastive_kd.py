@@ -1,0 +1,295 @@
+"""The logits-level contrastive KD loss: ``contrastive_kd_loss`` and ``ContrastiveKDLoss``.
+
+Forward stores O(rows) statistics, never a ``[rows x V]`` float32 tensor; backward recomputes the
+per-token terms from the logits and the statistics and writes the student gradient directly in
+the student's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from caad_kernels.backends import resolve_backend
+from caad_kernels.options import (
+    KDOptions,
+    check_label_range,
+    check_labels,
+    check_logits,
+    check_no_nan,
+    check_num_items,
+)
+from caad_kernels.rows import as_rows
+
+
+class KDLossOutput(NamedTuple):
+    """``loss = kd_weight * kd_loss + ce_weight * ce_loss``; ``kd_loss`` includes ``tau**2`` when scaling."""
+
+    loss: torch.Tensor
+    kd_loss: torch.Tensor
+    ce_loss: torch.Tensor
+
+
+def validate_logits_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_negative_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    opts: KDOptions,
+    names: tuple[str, str, str] = ("student_logits", "teacher_logits", "teacher_negative_logits"),
+) -> None:
+    """Shape, dtype, device, label and NaN checks shared by the logits-level op."""
+    student_name, teacher_name, negative_name = names
+    check_logits(student_name, student_logits)
+    check_logits(teacher_name, teacher_logits)
+    lead = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    tensors = [(teacher_name, teacher_logits)]
+    if teacher_negative_logits is not None:
+        check_logits(negative_name, teacher_negative_logits)
+        tensors.append((negative_name, teacher_negative_logits))
+    for name, tensor in tensors:
+        if tensor.shape[:-1] != lead:
+            raise ValueError(
+                f"{name} must have the leading shape of {student_name} {tuple(lead)}, got {tuple(tensor.shape[:-1])}"
+            )
+        if tensor.shape[-1] < vocab:
+            raise ValueError(
+                f"{name} has a vocabulary of {tensor.shape[-1]}, smaller than the student's {vocab}: "
+                "the teacher's vocabulary must be at least the student's"
+            )
+        if tensor.device != student_logits.device:
+            raise ValueError(f"{name} must be on {student_logits.device}, got {tensor.device}")
+    if teacher_negative_logits is not None and teacher_negative_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{negative_name} must have the shape of {teacher_name} {tuple(teacher_logits.shape)}, "
+            f"got {tuple(teacher_negative_logits.shape)}"
+        )
+    if labels is None:
+        if opts.ce_weight > 0:
+            raise ValueError("labels are required when ce_weight > 0")
+    else:
+        check_labels(labels, lead, student_logits.device)
+    if opts.check_finite:
+        check_no_nan(student_name, student_logits)
+        check_no_nan(teacher_name, teacher_logits[..., :vocab])
+        if teacher_negative_logits is not None:
+            check_no_nan(negative_name, teacher_negative_logits[..., :vocab])
+        if labels is not None:
+            check_label_range(labels, vocab, opts.ignore_index)
+
+
+def reduction_denominator(
+    valid: torch.Tensor | None, rows: int, num_items_in_batch: object, device: torch.device
+) -> torch.Tensor:
+    """What ``reduction="mean"`` divides by: ``num_items_in_batch`` or the valid rows (at least 1)."""
+    if num_items_in_batch is not None:
+        return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=device).reshape(())
+    if valid is None:
+        return torch.tensor(float(max(rows, 1)), device=device)
+    return valid.sum().clamp(min=1).to(torch.float32)
+
+
+def reduce_rows(values: torch.Tensor, reduction: str, denominator: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+    if reduction == "none":
+        return values.reshape(lead_shape)
+    total = values.sum()
+    return total / denominator if reduction == "mean" else total
+
+
+def row_coefficients(
+    grad_loss: torch.Tensor | None,
+    grad_component: torch.Tensor | None,
+    weight: float,
+    scale: float,
+    reduction: str,
+    denominator: torch.Tensor,
+    valid: torch.Tensor | None,
+    rows: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Per-row factor on ``d(row term)/d s`` from the upstream gradients of ``loss`` and the component."""
+    coef = torch.zeros(rows, dtype=torch.float32, device=device)
+    if grad_loss is not None and weight != 0:
+        coef = coef + weight * grad_loss.reshape(-1).float()
+    if grad_component is not None:
+        coef = coef + grad_component.reshape(-1).float()
+    coef = coef * scale
+    if reduction == "mean":
+        coef = coef / denominator
+    if valid is not None:
+        coef = coef * valid
+    return coef
+
+
+class _ContrastiveKDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, negative, labels, opts, num_items_in_batch):
+        ctx.set_materialize_grads(False)
+        lead = student.shape[:-1]
+        vocab = student.shape[-1]
+        backend = resolve_backend(opts.backend, student.device, student.dtype)
+        params = opts.row_params(vocab, negative is not None, labels is not None)
+        s_rows, t_rows = as_rows(student), as_rows(teacher)
+        n_rows = as_rows(negative) if params.has_negative else None
+        flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+        kd, ce, stats = backend.forward_rows(s_rows, t_rows, n_rows, flat_labels, params)
+        valid = None if flat_labels is None else flat_labels != opts.ignore_index
+        denominator = reduction_denominator(valid, s_rows.rows, num_items_in_batch, student.device)
+        kd = kd * opts.kd_scale
+        kd_loss = reduce_rows(kd, opts.reduction, denominator, lead)
+        ce_loss = reduce_rows(ce, opts.reduction, denominator, lead)
+        loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
+        ctx.save_for_backward(student, teacher, negative if params.has_negative else None, flat_labels, stats, denominator)
+        ctx.opts, ctx.params, ctx.backend = opts, params, backend
+        out_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        return loss.to(out_dtype), kd_loss.to(out_dtype), ce_loss.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        student, teacher, negative, labels, stats, denominator = ctx.saved_tensors
+        opts, params = ctx.opts, ctx.params
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        rows = stats.shape[0]
+        valid = None if labels is None else (labels != opts.ignore_index).float()
+        common = dict(reduction=opts.reduction, denominator=denominator, valid=valid, rows=rows, device=student.device)
+        coef_kd = row_coefficients(grad_loss, grad_kd, opts.kd_weight, opts.kd_scale, **common)
+        coef_ce = row_coefficients(grad_loss, grad_ce, opts.ce_weight, 1.0, **common)
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        s_rows = as_rows(student)
+        ctx.backend.backward_rows(
+            s_rows,
+            as_rows(teacher),
+            None if negative is None else as_rows(negative),
+            labels,
+            stats,
+            coef_kd,
+            coef_ce,
+            params,
+            grad.view(-1, student.shape[-1]),
+        )
+        return grad, None, None, None, None, None
+
+
+def contrastive_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_negative_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    plausibility: float = 0.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    temperature_scaling: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    return_components: bool = False,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor | KDLossOutput:
+    """Contrastive knowledge-distillation loss on logits, without materialising distributions.
+
+    Args:
+        student_logits: ``[..., V]`` float16/bfloat16/float32/float64; the only input that gets a
+            gradient (returned in its dtype). Any leading dims; slices such as ``logits[:, :-1]``
+            are read in place.
+        teacher_logits: ``[..., V_t]`` with ``V_t >= V``, the audio-aware (positive) path
+            ``z_pos``; columns past ``V`` are dropped before the softmax.
+        teacher_negative_logits: ``[..., V_t]``, the text-only (negative) path ``z_neg``, or
+            ``None`` for plain KD against ``z_pos``.
+        labels: ``[...]`` integer pseudo-GT for the CE term; rows equal to ``ignore_index``
+            contribute nothing to either term. Required when ``ce_weight > 0``.
+        alpha: contrastive strength in ``z_hat = (1 + alpha) z_pos - alpha z_neg`` (0: plain KD).
+        temperature: ``tau`` of ``p = softmax(z_hat / tau)`` and ``q = softmax(s / tau)``.
+        beta: 0 forward ``KL(p||q)``, 1 reverse ``KL(q||p)``, otherwise the generalised JSD
+            ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q`` (TRL's convention).
+        plausibility: adaptive plausibility cutoff in ``[0, 1)``: tokens with
+            ``softmax(z_pos) < plausibility * max softmax(z_pos)`` get ``z_hat = -inf``; costs an
+            extra sweep over the teacher. 0 disables it.
+        kd_weight, ce_weight: ``loss = kd_weight * kd_loss + ce_weight * ce_loss``.
+        temperature_scaling: multiply the divergence by ``tau**2`` (Hinton, CAAD); TRL and
+            Liger-Kernel do not.
+        reduction: ``"mean"`` over valid rows (or ``num_items_in_batch``), ``"sum"``, or
+            ``"none"`` (per row, shape ``[...]``).
+        num_items_in_batch: denominator of ``"mean"`` for correct gradient accumulation.
+        return_components: return ``KDLossOutput(loss, kd_loss, ce_loss)`` instead of ``loss``.
+        backend: ``"auto"`` (triton on CUDA, cpp on CPU, torch otherwise), ``"triton"``,
+            ``"cpp"`` or ``"torch"``.
+        check_finite: raise a ValueError naming the tensor when an input holds NaN (and check the
+            label range); costs one host synchronisation. ``-inf`` teacher logits are allowed.
+
+    Returns:
+        float32 loss tensors (float64 for float64 inputs): scalars, or ``[...]`` with ``"none"``.
+
+    Example:
+        >>> s, t, n = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10), torch.randn(4, 10)
+        >>> loss = contrastive_kd_loss(s, t, n, torch.tensor([1, 2, 3, -100]), alpha=2.0, temperature=2.0,
+        ...                            kd_weight=0.7, ce_weight=0.3, backend="torch")
+        >>> loss.backward()
+    """
+    opts = KDOptions(
+        alpha=alpha,
+        temperature=temperature,
+        beta=beta,
+        plausibility=plausibility,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        temperature_scaling=temperature_scaling,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+        check_finite=check_finite,
+    )
+    check_num_items(num_items_in_batch, reduction)
+    validate_logits_inputs(student_logits, teacher_logits, teacher_negative_logits, labels, opts)
+    loss, kd_loss, ce_loss = _ContrastiveKDFunction.apply(
+        student_logits,
+        teacher_logits.detach(),
+        None if teacher_negative_logits is None else teacher_negative_logits.detach(),
+        labels,
+        opts,
+        num_items_in_batch,
+    )
+    if return_components:
+        return KDLossOutput(loss, kd_loss, ce_loss)
+    return loss
+
+
+class ContrastiveKDLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`contrastive_kd_loss`; options are fixed at construction.
+
+    ``forward(student_logits, teacher_logits, teacher_negative_logits=None, labels=None,
+    num_items_in_batch=None)``.
+    """
+
+    def __init__(self, **options: object) -> None:
+        super().__init__()
+        self.return_components = bool(options.pop("return_components", False))
+        self.options = KDOptions(**options)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        teacher_negative_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | float | torch.Tensor | None = None,
+    ) -> torch.Tensor | KDLossOutput:
+        return contrastive_kd_loss(
+            student_logits,
+            teacher_logits,
+            teacher_negative_logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            return_components=self.return_components,
+            **self.options.__dict__,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.__dict__.items())

@@ -1,0 +1,135 @@
+"""Naive, materialising references that read like DESIGN.md section 2.
+
+They build full ``[rows x vocab]`` distributions and let autograd differentiate, so they are slow
+and memory-hungry by design: every backend is tested against them. ``compute_dtype`` picks the
+precision (float64 for the tightest checks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from caad_kernels.options import KDOptions
+
+
+def contrastive_teacher_logits(
+    teacher_logits: torch.Tensor,
+    teacher_negative_logits: torch.Tensor | None,
+    alpha: float,
+    plausibility: float,
+) -> torch.Tensor:
+    """``z_hat = (1 + alpha) * z_pos - alpha * z_neg``, with the plausibility cutoff applied.
+
+    A token with ``z_pos = -inf`` stays at ``-inf`` whatever ``z_neg`` says (no ``inf - inf``).
+    """
+    z_pos = teacher_logits
+    if teacher_negative_logits is None or alpha == 0:
+        z_hat = z_pos.clone()
+    else:
+        z_hat = (1 + alpha) * z_pos - alpha * teacher_negative_logits
+        z_hat = torch.where(torch.isneginf(z_pos), z_pos, z_hat)
+    if plausibility > 0:
+        cutoff = z_pos.amax(dim=-1, keepdim=True) + math.log(plausibility)
+        z_hat = z_hat.masked_fill(z_pos < cutoff, float("-inf"))
+    return z_hat
+
+
+def divergence(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row divergence in TRL's ``beta`` convention, from log-probabilities ``[..., V]``."""
+
+    def kl(log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+        # sum_v p_v (log p_v - log r_v), with 0 * anything = 0 where p_v = 0
+        p = log_p.exp()
+        return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
+
+    if beta == 0:
+        return kl(teacher_log_probs, student_log_probs)
+    if beta == 1:
+        return kl(student_log_probs, teacher_log_probs)
+    mixture_log_probs = torch.logaddexp(teacher_log_probs + math.log(beta), student_log_probs + math.log(1 - beta))
+    return beta * kl(teacher_log_probs, mixture_log_probs) + (1 - beta) * kl(student_log_probs, mixture_log_probs)
+
+
+def contrastive_kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_negative_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Materialising reference of ``contrastive_kd_loss``; returns ``(loss, kd_loss, ce_loss)``.
+
+    Differentiable with respect to ``student_logits`` through plain autograd. The loss is
+    returned in ``compute_dtype``.
+    """
+    opts = KDOptions(**{k: v for k, v in options.items() if k not in ("return_components",)})
+    vocab = student_logits.shape[-1]
+    s = student_logits.to(compute_dtype)
+    z_pos = teacher_logits[..., :vocab].to(compute_dtype)
+    z_neg = None if teacher_negative_logits is None else teacher_negative_logits[..., :vocab].to(compute_dtype)
+
+    z_hat = contrastive_teacher_logits(z_pos, z_neg, opts.alpha, opts.plausibility)
+    tau = opts.temperature
+    teacher_log_probs = torch.log_softmax(z_hat / tau, dim=-1)
+    student_log_probs = torch.log_softmax(s / tau, dim=-1)
+    kd = divergence(teacher_log_probs, student_log_probs, opts.beta) * opts.kd_scale
+
+    if labels is None:
+        valid = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)
+        ce = torch.zeros(s.shape[:-1], dtype=compute_dtype, device=s.device)
+    else:
+        valid = labels != opts.ignore_index
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=compute_dtype, device=s.device)
+    kd = torch.where(valid, kd, zero)
+    ce = torch.where(valid, ce, zero)
+
+    if opts.reduction == "none":
+        kd_loss, ce_loss = kd, ce
+    elif opts.reduction == "sum":
+        kd_loss, ce_loss = kd.sum(), ce.sum()
+    else:
+        if num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch, dtype=compute_dtype, device=s.device)
+        else:
+            denominator = valid.sum().clamp(min=1).to(compute_dtype)
+        kd_loss, ce_loss = kd.sum() / denominator, ce.sum() / denominator
+    loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
+    return loss, kd_loss, ce_loss
+
+
+def fused_linear_contrastive_kd_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_negative_hidden: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Materialising reference of the fused-linear op: full logits, then the logits reference."""
+
+    def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+        return out if bias is None else out + bias.to(compute_dtype)
+
+    options = {k: v for k, v in options.items() if k not in ("chunk_size", "accum_dtype")}
+    student_logits = linear(student_hidden, student_weight, student_bias)
+    with torch.no_grad():
+        teacher_logits = linear(teacher_hidden, teacher_weight, teacher_bias)
+        negative_logits = (
+            None if teacher_negative_hidden is None else linear(teacher_negative_hidden, teacher_weight, teacher_bias)
+        )
+    return contrastive_kd_loss_reference(
+        student_logits, teacher_logits, negative_logits, labels, compute_dtype=compute_dtype, **options
+    )
