@@ -6,7 +6,15 @@ and ``lm_head`` weights in, no logits materialised). Conventions: DESIGN.md sect
 """
 
 from caad_kernels.contrastive_kd import ContrastiveKDLoss, KDLossOutput, contrastive_kd_loss
+from caad_kernels.fused_linear import FusedLinearContrastiveKDLoss, fused_linear_contrastive_kd_loss
 from caad_kernels.options import KDOptions
 
-__all__ = ["ContrastiveKDLoss", "KDLossOutput", "KDOptions", "contrastive_kd_loss"]
+__all__ = [
+    "ContrastiveKDLoss",
+    "FusedLinearContrastiveKDLoss",
+    "KDLossOutput",
+    "KDOptions",
+    "contrastive_kd_loss",
+    "fused_linear_contrastive_kd_loss",
+]
 __version__ = "0.1.0"

@@ -123,8 +123,12 @@ def audio_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     Raises a ``ValueError`` naming the missing token when the tokenizer lacks one of them.
     """
     out = {}
-    for role, key in (("audio_bos_token", "audio_bos"), ("audio_token", "audio"), ("audio_eos_token", "audio_eos")):
-        token = getattr(tokenizer, role, None)
+    for role, key in (
+        ("audio_bos_token", "audio_bos"),
+        ("audio_token", "audio"),
+        ("audio_eos_token", "audio_eos"),
+    ):
+        token = getattr(tokenizer, role, None) or DEFAULT_SPECIAL_TOKENS[role]
         token_id = None if token is None else tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {role} (train it with caad.models.train_tokenizer)")
@@ -140,5 +144,12 @@ def build_prompt(tokenizer: PreTrainedTokenizerFast, instruction: str, with_audi
     """
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
-    audio = f"{tokenizer.audio_bos_token}{tokenizer.audio_token}{tokenizer.audio_eos_token}" if with_audio else ""
-    return f"{tokenizer.bos_token}{audio}{instruction}\n"
+
+    # Tokenizers of real checkpoints may lack a bos token or the named audio attributes (Qwen2's has
+    # no bos and knows "<|AUDIO|>" only as an added token): fall back to the default strings.
+    def token(role: str) -> str:
+        return getattr(tokenizer, role, None) or DEFAULT_SPECIAL_TOKENS[role]
+
+    audio = token("audio_bos_token") + token("audio_token") + token("audio_eos_token") if with_audio else ""
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    return f"{bos}{audio}{instruction}\n"

@@ -1,0 +1,732 @@
+"""One interface for teacher and student speech LMs: :class:`SpeechLM`.
+
+Conventions (shared by every model in :mod:`caad.models`):
+
+- Audio is a list of mono waveforms at 16 kHz (1-D ``numpy`` arrays or tensors, float, in [-1, 1]),
+  one clip per example. Each clip becomes log-mel features with transformers'
+  :class:`~transformers.WhisperFeatureExtractor`, built from the model's config (never downloaded):
+  ``input_features`` ``[C, n_mels, frames]`` float32 (the model's fixed audio window, zero-padded
+  audio) and ``feature_attention_mask`` ``[C, frames]`` int64 (1 on frames of real audio).
+- The sequence is ``prompt + target`` with the prompt of :func:`caad.models.tokenizer.build_prompt`;
+  the single ``<|AUDIO|>`` placeholder is expanded to :meth:`SpeechLM.num_audio_tokens` copies of
+  the audio token id, which the model replaces by the projected audio encoder outputs.
+- ``labels`` are unshifted (Hugging Face style): ``labels[b, t]`` is ``input_ids[b, t]`` on target
+  tokens (the target text and the final ``eos``) and ``-100`` on prompt, audio and padding
+  positions. The hidden state at position ``t`` predicts the token at ``t + 1``.
+- "Target hidden states" are the final hidden states (after the LM's final norm, before
+  ``lm_head``) at the positions that predict target tokens, packed row-major (example by example,
+  left to right) into ``[N, H]``, with the ``[N]`` labels they predict. Because only target tokens
+  are packed, rows line up across the positive and negative paths of one model, and across teacher
+  and student even when they expand the audio to different numbers of tokens: row ``i`` of each
+  predicts the same target token. This is what the fused-linear loss consumes.
+- ``audio_mode``: ``"positive"`` (the real audio), or a negative path: ``"zero"`` (the log-mel
+  input features set to 0; same sequence, same audio token count — CAAD's default), ``"remove"``
+  (no audio block in the prompt: no ``<|audio_bos|>``, audio tokens or ``<|audio_eos|>``), or
+  ``"noise"`` (the features replaced by standard Gaussian noise from a seeded generator).
+- Position ids always come from the attention mask (``cumsum - 1``), so left and right padding
+  give the same hidden states on real tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from caad.models.tokenizer import DEFAULT_SPECIAL_TOKENS, build_prompt
+
+IGNORE_INDEX = -100
+SAMPLING_RATE = 16000
+HOP_LENGTH = 160
+N_FFT = 400
+#: Shortest clip accepted: 0.1 s gives every model at least 2 audio tokens.
+MIN_AUDIO_SAMPLES = SAMPLING_RATE // 10
+AUDIO_MODES = ("positive", "zero", "remove", "noise")
+NEGATIVE_MODES = ("zero", "remove", "noise")
+
+AudioInput = Sequence["np.ndarray | torch.Tensor"] | np.ndarray | torch.Tensor
+
+
+class TargetHiddenStates(NamedTuple):
+    """Final hidden states at the target-prediction positions, packed row-major.
+
+    ``hidden``: ``[N, H]`` in the model's dtype; ``labels``: ``[N]`` int64, the target token that
+    each row predicts (never ``-100``).
+    """
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class SpeechBatch:
+    """Model inputs for ``prompt (+ target)`` sequences; build with :meth:`SpeechLM.build_inputs`.
+
+    Attributes:
+        input_ids: ``[B, T]`` int64, audio placeholder already expanded, padded with the pad id.
+        attention_mask: ``[B, T]`` int64, 1 on real tokens, 0 on padding.
+        labels: ``[B, T]`` int64 (unshifted, ``-100`` outside targets), or ``None`` without targets.
+        input_features: ``[C, n_mels, frames]`` float32 or ``None``; one clip for every row that holds
+            audio tokens, in row order (``None`` when no row has audio, e.g. ``audio_mode="remove"``).
+        feature_attention_mask: ``[C, frames]`` int64 or ``None``, 1 on frames of real audio.
+        audio_mode: the ``audio_mode`` the batch was built with (``"mixed"`` after concatenation).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    input_features: torch.Tensor | None
+    feature_attention_mask: torch.Tensor | None
+    audio_mode: str = "positive"
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Number of target tokens (rows of the packed target hidden states)."""
+        if self.labels is None:
+            return 0
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device | str) -> SpeechBatch:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            f.name: (
+                getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else None
+            )
+            for f in fields(self)
+            if f.name != "audio_mode"
+        }
+        return SpeechBatch(**moved, audio_mode=self.audio_mode)
+
+
+def _pad_right(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    if tensor.shape[1] == length:
+        return tensor
+    pad = torch.full(
+        (tensor.shape[0], length - tensor.shape[1]), value, dtype=tensor.dtype, device=tensor.device
+    )
+    return torch.cat([tensor, pad], dim=1)
+
+
+def _padding_side(batch: SpeechBatch) -> str:
+    # Left-padded batches have a 0 in the first column of some row.
+    return "left" if bool((batch.attention_mask[:, 0] == 0).any()) else "right"
+
+
+def concat_batches(first: SpeechBatch, second: SpeechBatch, pad_token_id: int) -> SpeechBatch:
+    """Stack two right-padded batches along the batch dimension (rows of ``first``, then ``second``).
+
+    The shorter one is right-padded to the longer length; features are concatenated in row order.
+    Both must have labels, or neither. Used for the one-forward positive + negative teacher paths.
+    """
+    for name, batch in (("first", first), ("second", second)):
+        if _padding_side(batch) != "right":
+            raise ValueError(
+                f"concat_batches: {name} must be right-padded (build it with padding_side='right')"
+            )
+    if (first.labels is None) != (second.labels is None):
+        raise ValueError("concat_batches: both batches must have labels, or neither")
+    length = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def cat(a: torch.Tensor | None, b: torch.Tensor | None, value: int) -> torch.Tensor | None:
+        if a is None or b is None:
+            return None
+        return torch.cat([_pad_right(a, length, value), _pad_right(b, length, value)], dim=0)
+
+    features = [f for f in (first.input_features, second.input_features) if f is not None]
+    feature_masks = [
+        m for m in (first.feature_attention_mask, second.feature_attention_mask) if m is not None
+    ]
+    return SpeechBatch(
+        input_ids=cat(first.input_ids, second.input_ids, pad_token_id),
+        attention_mask=cat(first.attention_mask, second.attention_mask, 0),
+        labels=cat(first.labels, second.labels, IGNORE_INDEX),
+        input_features=torch.cat(features, dim=0) if features else None,
+        feature_attention_mask=torch.cat(feature_masks, dim=0) if feature_masks else None,
+        audio_mode=first.audio_mode if first.audio_mode == second.audio_mode else "mixed",
+    )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` int64 positions counting real tokens only (0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_audio(
+    audio: AudioInput, sampling_rate: int, max_samples: int, name: str = "audio"
+) -> list[np.ndarray]:
+    """Validate a batch of clips and return them as 1-D float32 numpy arrays.
+
+    Accepts a list/tuple of 1-D arrays or tensors, or a 2-D array/tensor ``[B, samples]``.
+    Raises ``ValueError`` naming the argument on a wrong rank, sampling rate, length or non-finite values.
+    """
+    if sampling_rate != SAMPLING_RATE:
+        raise ValueError(
+            f"sampling_rate must be {SAMPLING_RATE} (the feature extractor's), got {sampling_rate}; "
+            "resample the audio first (caad.data.audio.load_audio does)"
+        )
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        if audio.ndim != 2:
+            raise ValueError(
+                f"{name} must be a list of 1-D waveforms or a 2-D [batch, samples] array, "
+                f"got an array of shape {tuple(audio.shape)}"
+            )
+        clips = list(audio)
+    elif isinstance(audio, (list, tuple)):
+        clips = list(audio)
+    else:
+        raise TypeError(f"{name} must be a list of 1-D waveforms, got {type(audio).__name__}")
+    if not clips:
+        raise ValueError(f"{name} is empty")
+    out = []
+    for index, clip in enumerate(clips):
+        if isinstance(clip, torch.Tensor):
+            clip = clip.detach().to("cpu", torch.float32).numpy()
+        clip = np.asarray(clip)
+        if clip.ndim != 1:
+            raise ValueError(
+                f"{name}[{index}] must be a 1-D mono waveform, got shape {tuple(clip.shape)} "
+                "(mix stereo down to mono first)"
+            )
+        if not np.issubdtype(clip.dtype, np.floating):
+            raise ValueError(f"{name}[{index}] must hold float samples in [-1, 1], got dtype {clip.dtype}")
+        if clip.shape[0] < MIN_AUDIO_SAMPLES:
+            raise ValueError(
+                f"{name}[{index}] has {clip.shape[0]} samples; at least {MIN_AUDIO_SAMPLES} "
+                f"({MIN_AUDIO_SAMPLES / SAMPLING_RATE:.1f} s at {SAMPLING_RATE} Hz) are needed"
+            )
+        if clip.shape[0] > max_samples:
+            raise ValueError(
+                f"{name}[{index}] is {clip.shape[0] / SAMPLING_RATE:.2f} s long; "
+                f"this model's audio window is {max_samples / SAMPLING_RATE:.2f} s"
+            )
+        if not np.isfinite(clip).all():
+            raise ValueError(f"{name}[{index}] contains NaN or infinite samples")
+        out.append(clip.astype(np.float32, copy=False))
+    return out
+
+
+def _check_texts(texts: object, name: str, count: int, forbidden: Sequence[str]) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str (one per example), got {type(texts).__name__}")
+    if len(texts) != count:
+        raise ValueError(f"{name} has {len(texts)} entries but audio has {count} clips")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] must be a str, got {type(text).__name__}")
+        for token in forbidden:
+            if token in text:
+                raise ValueError(f"{name}[{index}] contains the special token {token!r}")
+    return list(texts)
+
+
+def whisper_feature_extractor(num_mel_bins: int, window_frames: int) -> WhisperFeatureExtractor:
+    """A Whisper log-mel extractor built from parameters (16 kHz, hop 160, n_fft 400).
+
+    ``window_frames`` is the fixed number of mel frames the encoder expects (3000 for 30 s); it must
+    be a multiple of 100 (whole seconds), as the extractor pads to ``chunk_length`` seconds.
+    """
+    if window_frames <= 0 or window_frames % (SAMPLING_RATE // HOP_LENGTH) != 0:
+        raise ValueError(
+            f"the audio window must be a whole number of seconds, got {window_frames} mel frames"
+        )
+    return WhisperFeatureExtractor(
+        feature_size=num_mel_bins,
+        sampling_rate=SAMPLING_RATE,
+        hop_length=HOP_LENGTH,
+        chunk_length=window_frames // (SAMPLING_RATE // HOP_LENGTH),
+        n_fft=N_FFT,
+        padding_value=0.0,
+        return_attention_mask=True,
+    )
+
+
+def _special_token(tokenizer: PreTrainedTokenizerBase, role: str) -> str:
+    return getattr(tokenizer, role, None) or DEFAULT_SPECIAL_TOKENS[role]
+
+
+class SpeechLM(nn.Module):
+    """Base class of teacher and student wrappers; subclasses give the model-specific parts.
+
+    ``model`` is the underlying :class:`~transformers.PreTrainedModel` (its parameters are this
+    module's parameters, so the wrapper can go straight to ``deepspeed.initialize`` or an optimizer).
+    ``forward(batch)`` returns :class:`TargetHiddenStates`.
+    """
+
+    #: ``config.model_type`` of the checkpoints a subclass loads (set by subclasses).
+    model_type: str = ""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        feature_extractor: WhisperFeatureExtractor,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos token")
+        token_id = tokenizer.convert_tokens_to_ids(_special_token(tokenizer, "audio_token"))
+        if token_id != self.audio_token_id:
+            raise ValueError(
+                f"tokenizer's audio token id {token_id} differs from the model config's audio_token_id "
+                f"{self.audio_token_id}"
+            )
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's lm_head only {self.vocab_size} rows"
+            )
+
+    # ---- model-specific parts -------------------------------------------------------------------
+
+    @property
+    def audio_token_id(self) -> int:
+        """Id of the audio token that the placeholder expands to."""
+        raise NotImplementedError
+
+    def num_audio_tokens(self, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """Audio tokens per clip (int64 ``[C]``) from the number of real mel frames per clip (``[C]``)."""
+        raise NotImplementedError
+
+    def backbone(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Run audio encoder + merge + LM body: ``([B, T, H]`` final hidden states, the KV cache)."""
+        raise NotImplementedError
+
+    @property
+    def window_frames(self) -> int:
+        """Mel frames in the model's fixed audio window (3000 = 30 s for Whisper and Qwen2-Audio)."""
+        raise NotImplementedError
+
+    # ---- common properties ----------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection module (gather its parameters under ZeRO-3 before reading them)."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[V, H]`` output projection weight (``V`` may exceed ``len(tokenizer)``: padded vocab)."""
+        return self.lm_head.weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        """``[V]`` output projection bias, or ``None`` (the usual case)."""
+        return getattr(self.lm_head, "bias", None)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of ``lm_head`` (the logit width)."""
+        return int(self.lm_head.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm_head.weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_audio_samples(self) -> int:
+        return self.window_frames * HOP_LENGTH
+
+    # ---- inputs ---------------------------------------------------------------------------------
+
+    def format_prompt(self, instruction: str, with_audio: bool = True) -> str:
+        """The prompt text for one example (see :func:`caad.models.tokenizer.build_prompt`)."""
+        return build_prompt(self.tokenizer, instruction, with_audio=with_audio)
+
+    def extract_features(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel features of checked clips: ``([C, n_mels, frames]`` float32, ``[C, frames]`` int64)."""
+        out = self.feature_extractor(
+            list(clips),
+            sampling_rate=SAMPLING_RATE,
+            return_tensors="pt",
+            return_attention_mask=True,
+            padding="max_length",
+        )
+        return out["input_features"].to(torch.float32), out["attention_mask"].to(torch.long)
+
+    def build_inputs(
+        self,
+        audio: AudioInput,
+        instructions: Sequence[str],
+        targets: Sequence[str] | None = None,
+        *,
+        audio_mode: str = "positive",
+        sampling_rate: int = SAMPLING_RATE,
+        noise_seed: int = 0,
+        padding_side: str = "right",
+        add_eos: bool = True,
+    ) -> SpeechBatch:
+        """Build ``prompt + target`` inputs (CPU tensors) for one batch.
+
+        Args:
+            audio: ``B`` mono clips at ``sampling_rate`` (see :func:`check_audio`).
+            instructions: ``B`` instruction strings (the text part of the prompt).
+            targets: ``B`` target strings (pseudo-GT), or ``None`` for generation prompts.
+            audio_mode: ``"positive"``, ``"zero"``, ``"remove"`` or ``"noise"`` (module docstring).
+            sampling_rate: must be 16000.
+            noise_seed: seed of the ``"noise"`` features (same seed, same batch -> same noise).
+            padding_side: ``"right"`` (training, concatenation) or ``"left"`` (generation).
+            add_eos: append ``eos`` to every target (it is a target token too).
+        """
+        if audio_mode not in AUDIO_MODES:
+            raise ValueError(f"audio_mode must be one of {AUDIO_MODES}, got {audio_mode!r}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        clips = check_audio(audio, sampling_rate, self.max_audio_samples)
+        specials = [
+            _special_token(self.tokenizer, role)
+            for role in ("audio_bos_token", "audio_token", "audio_eos_token")
+        ]
+        forbidden = [*specials, *(t for t in (self.tokenizer.pad_token, self.tokenizer.eos_token) if t)]
+        instructions = _check_texts(instructions, "instructions", len(clips), forbidden)
+        if targets is not None:
+            targets = _check_texts(targets, "targets", len(clips), forbidden)
+
+        with_audio = audio_mode != "remove"
+        input_features = feature_mask = None
+        counts = [0] * len(clips)
+        if with_audio:
+            input_features, feature_mask = self.extract_features(clips)
+            counts = self.num_audio_tokens(feature_mask.sum(-1)).tolist()
+            if audio_mode == "zero":
+                input_features = torch.zeros_like(input_features)
+            elif audio_mode == "noise":
+                generator = torch.Generator().manual_seed(int(noise_seed))
+                input_features = torch.randn(
+                    input_features.shape, generator=generator, dtype=input_features.dtype
+                )
+
+        audio_id = self.audio_token_id
+        sequences: list[list[int]] = []
+        label_rows: list[list[int]] = []
+        for index, instruction in enumerate(instructions):
+            prompt = self.tokenizer(self.format_prompt(instruction, with_audio), add_special_tokens=False)[
+                "input_ids"
+            ]
+            if prompt.count(audio_id) != int(with_audio):
+                raise ValueError(f"instructions[{index}]: the prompt must hold exactly one audio placeholder")
+            if with_audio:
+                at = prompt.index(audio_id)
+                prompt = prompt[:at] + [audio_id] * int(counts[index]) + prompt[at + 1 :]
+            target: list[int] = []
+            if targets is not None:
+                target = self.tokenizer(targets[index], add_special_tokens=False)["input_ids"]
+                if add_eos:
+                    target = target + [self.tokenizer.eos_token_id]
+                if not target:
+                    raise ValueError(f"targets[{index}] is empty (and add_eos is False)")
+            sequences.append(prompt + target)
+            label_rows.append([IGNORE_INDEX] * len(prompt) + target)
+
+        length = max(len(s) for s in sequences)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+        for row, (sequence, label_row) in enumerate(zip(sequences, label_rows)):
+            span = (
+                slice(0, len(sequence)) if padding_side == "right" else slice(length - len(sequence), length)
+            )
+            input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, span] = 1
+            labels[row, span] = torch.tensor(label_row, dtype=torch.long)
+        return SpeechBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels if targets is not None else None,
+            input_features=input_features,
+            feature_attention_mask=feature_mask,
+            audio_mode=audio_mode,
+        )
+
+    def negative_inputs(
+        self,
+        positive: SpeechBatch,
+        audio: AudioInput,
+        instructions: Sequence[str],
+        targets: Sequence[str],
+        audio_mode: str = "zero",
+        **kwargs: Any,
+    ) -> SpeechBatch:
+        """The negative-path batch matching ``positive``; ``"zero"``/``"noise"`` reuse its token ids.
+
+        ``audio``, ``instructions`` and ``targets`` are those ``positive`` was built from; they are
+        only re-tokenized for ``"remove"``. ``kwargs`` go to :meth:`build_inputs` (e.g. ``noise_seed``).
+        """
+        if audio_mode not in NEGATIVE_MODES:
+            raise ValueError(
+                f"audio_mode must be one of {NEGATIVE_MODES} for the negative path, got {audio_mode!r}"
+            )
+        if audio_mode == "remove" or positive.input_features is None:
+            return self.build_inputs(audio, instructions, targets, audio_mode=audio_mode, **kwargs)
+        if audio_mode == "zero":
+            features = torch.zeros_like(positive.input_features)
+        else:
+            generator = torch.Generator().manual_seed(int(kwargs.get("noise_seed", 0)))
+            features = torch.randn(positive.input_features.shape, generator=generator, dtype=torch.float32)
+            features = features.to(positive.input_features.device, positive.input_features.dtype)
+        return replace(positive, input_features=features, audio_mode=audio_mode)
+
+    # ---- forward passes -------------------------------------------------------------------------
+
+    def hidden_states(self, batch: SpeechBatch) -> torch.Tensor:
+        """``[B, T, H]`` final hidden states (after the final norm) for every position."""
+        if not isinstance(batch, SpeechBatch):
+            raise TypeError(f"batch must be a SpeechBatch (from build_inputs), got {type(batch).__name__}")
+        batch = batch.to(self.device)
+        hidden, _ = self.backbone(
+            batch.input_ids,
+            batch.attention_mask,
+            position_ids_from_mask(batch.attention_mask),
+            batch.input_features,
+            batch.feature_attention_mask,
+        )
+        return hidden
+
+    @staticmethod
+    def gather_targets(hidden: torch.Tensor, labels: torch.Tensor) -> TargetHiddenStates:
+        """Pack ``hidden[b, t]`` for every ``t`` with ``labels[b, t + 1] != -100``, with those labels."""
+        shifted = labels[:, 1:].to(hidden.device)
+        mask = shifted != IGNORE_INDEX
+        return TargetHiddenStates(hidden[:, :-1][mask], shifted[mask])
+
+    def target_hidden_states(self, batch: SpeechBatch) -> TargetHiddenStates:
+        """Packed ``([N, H]`` hidden states, ``[N]`` labels) at the target-prediction positions."""
+        if batch.labels is None:
+            raise ValueError("batch has no labels: build it with targets to get target hidden states")
+        return self.gather_targets(self.hidden_states(batch), batch.labels)
+
+    def forward(self, batch: SpeechBatch) -> TargetHiddenStates:
+        """Same as :meth:`target_hidden_states` (so a DeepSpeed engine can be called on a batch)."""
+        return self.target_hidden_states(batch)
+
+    def paired_target_hidden_states(
+        self, positive: SpeechBatch, negative: SpeechBatch
+    ) -> tuple[TargetHiddenStates, TargetHiddenStates]:
+        """Positive and negative paths in ONE forward (rows concatenated along the batch).
+
+        Both batches must be right-padded and hold the same targets; returns the packed target
+        hidden states of each path (same ``N``, equal labels). Wrap in ``torch.no_grad()`` for a teacher.
+        """
+        if positive.batch_size != negative.batch_size:
+            raise ValueError(
+                f"positive has {positive.batch_size} rows but negative {negative.batch_size}: they must match"
+            )
+        both = concat_batches(positive, negative, self.tokenizer.pad_token_id)
+        packed = self.target_hidden_states(both)
+        split = positive.num_target_tokens
+        pos = TargetHiddenStates(packed.hidden[:split], packed.labels[:split])
+        neg = TargetHiddenStates(packed.hidden[split:], packed.labels[split:])
+        if not torch.equal(pos.labels, neg.labels):
+            raise ValueError("positive and negative batches hold different targets")
+        return pos, neg
+
+    def logits(self, batch: SpeechBatch) -> torch.Tensor:
+        """``[B, T, V]`` logits (materialised: for evaluation and tests, not for the training loss)."""
+        return self.lm_head(self.hidden_states(batch))
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        audio: AudioInput,
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        sampling_rate: int = SAMPLING_RATE,
+        audio_mode: str = "positive",
+    ) -> list[list[int]]:
+        """Batched greedy decoding with the LM's KV cache: the new token ids of each row, ``eos`` excluded.
+
+        Decoding stops at ``eos`` (per row) or after ``max_new_tokens``; only ids inside the tokenizer's
+        vocabulary are considered (a padded ``lm_head`` never produces an unknown id). The prompt batch
+        is left-padded; positions come from the attention mask, so rows do not depend on each other.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        batch = self.build_inputs(
+            audio, instructions, None, audio_mode=audio_mode, sampling_rate=sampling_rate, padding_side="left"
+        ).to(self.device)
+        eos_id = self.tokenizer.eos_token_id
+        usable = len(self.tokenizer)
+        attention_mask = batch.attention_mask
+        positions = position_ids_from_mask(attention_mask)
+        hidden, cache = self.backbone(
+            batch.input_ids,
+            attention_mask,
+            positions,
+            batch.input_features,
+            batch.feature_attention_mask,
+            use_cache=True,
+        )
+        generated = []
+        finished = torch.zeros(batch.batch_size, dtype=torch.bool, device=self.device)
+        next_position = positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            next_ids = self.lm_head(hidden[:, -1])[:, :usable].argmax(dim=-1)
+            next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+            generated.append(next_ids)
+            finished |= next_ids == eos_id
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            hidden, cache = self.backbone(
+                next_ids[:, None], attention_mask, next_position, past_key_values=cache, use_cache=True
+            )
+            next_position = next_position + 1
+        rows = torch.stack(generated, dim=1).tolist()
+        return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+    def generate(
+        self,
+        audio: AudioInput,
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        sampling_rate: int = SAMPLING_RATE,
+        audio_mode: str = "positive",
+    ) -> list[str]:
+        """:meth:`generate_ids`, decoded (special tokens skipped, stripped): one string per clip."""
+        rows = self.generate_ids(
+            audio,
+            instructions,
+            max_new_tokens=max_new_tokens,
+            sampling_rate=sampling_rate,
+            audio_mode=audio_mode,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write the model (``config.json`` + safetensors), the tokenizer and ``preprocessor_config.json``.
+
+        ``kwargs`` go to the model's ``save_pretrained`` (e.g. ``state_dict`` gathered under ZeRO-3).
+        """
+        self.model.save_pretrained(path, **kwargs)
+        self.tokenizer.save_pretrained(path)
+        self.feature_extractor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> SpeechLM:
+        """Load a checkpoint directory written by :meth:`save_pretrained` (see :func:`load_speech_lm`)."""
+        return load_speech_lm(path, **kwargs)
+
+    @classmethod
+    def _load(cls, path: str, **kwargs: Any) -> SpeechLM:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[SpeechLM]] = {}
+
+
+def register_speech_lm(cls: type[SpeechLM]) -> type[SpeechLM]:
+    """Class decorator: :func:`load_speech_lm` loads ``config.model_type == cls.model_type`` with ``cls``."""
+    _REGISTRY[cls.model_type] = cls
+    return cls
+
+
+def checkpoint_model_type(path: str | os.PathLike[str]) -> str:
+    """``model_type`` in ``path/config.json``; ``FileNotFoundError`` naming what is missing."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} has no config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        try:
+            model_type = json.load(handle).get("model_type")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if not model_type:
+        raise ValueError(f"{config_path} has no model_type")
+    return str(model_type)
+
+
+def load_speech_lm(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> SpeechLM:
+    """Load a teacher or student from a local checkpoint directory (never downloads).
+
+    Dispatches on ``config.json``'s ``model_type``: ``"qwen2_audio"`` ->
+    :class:`~caad.models.qwen2_audio.Qwen2AudioSpeechLM`, ``"caad_composite_speech_lm"`` ->
+    :class:`~caad.models.composite.CompositeSpeechLM`. The model is returned in eval mode.
+    """
+    # Importing the subclasses registers them.
+    import caad.models.composite  # noqa: F401
+    import caad.models.qwen2_audio  # noqa: F401
+
+    model_type = checkpoint_model_type(path)
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} has model_type {model_type!r}; supported: {sorted(_REGISTRY)}"
+        )
+    speech_lm = _REGISTRY[model_type]._load(os.fspath(path), dtype=dtype)
+    if device is not None:
+        speech_lm.to(device)
+    return speech_lm.eval()
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a checkpoint directory (local files only)."""
+    from transformers import AutoTokenizer
+
+    if not any(
+        os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise FileNotFoundError(f"checkpoint directory {path!r} has no tokenizer (tokenizer.json)")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+__all__ = [
+    "AUDIO_MODES",
+    "IGNORE_INDEX",
+    "NEGATIVE_MODES",
+    "SAMPLING_RATE",
+    "SpeechBatch",
+    "SpeechLM",
+    "TargetHiddenStates",
+    "check_audio",
+    "concat_batches",
+    "load_speech_lm",
+    "position_ids_from_mask",
+    "whisper_feature_extractor",
+]

@@ -1,0 +1,228 @@
+"""C++ (OpenMP) CPU row kernels, built just in time (see ``caad_kernels.backends`` for the contract).
+
+The extension (``csrc/contrastive_kd.cpp`` with ``csrc/contrastive_kd_tiles.h``) is compiled on first
+use with ``torch.utils.cpp_extension.load`` (ninja) into a build directory keyed by a hash of the
+sources, the torch version, the Python ABI, the compiler and the flags, under
+``$CAAD_KERNELS_CACHE`` (default ``$XDG_CACHE_HOME/caad_kernels`` or ``~/.cache/caad_kernels``), so
+later processes reuse it without recompiling (ninja finds the outputs up to date; torch's file lock
+serialises concurrent builds). The binary is portable across x86-64 CPUs: the tile kernels are
+compiled for the baseline ISA and for AVX2+FMA+F16C and the best set is chosen at run time, so the
+cache key needs no CPU model and no ``-march=native``.
+
+The kernels accumulate in float32 and accept float32, bfloat16 and float16 tensors on the CPU;
+float64 raises a TypeError (``backend="auto"`` sends float64 to the torch backend). Rows whose label
+is ``ignore_index`` are skipped entirely: their ``kd``, ``ce`` and ``stats`` are 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from caad_kernels.options import RowParams
+from caad_kernels.rows import RowView
+
+SOURCE_NAME = "contrastive_kd.cpp"
+# -ffp-contract=fast lets the AVX2+FMA build fuse multiply-adds (ISO C++ modes default to off).
+EXTRA_CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast")
+EXTRA_LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: RuntimeError | None = None
+
+
+def source_directory() -> Path:
+    """The C++ sources: ``caad_kernels/_csrc`` in an installed package, else the repository's ``csrc``."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_csrc", package.parent / "csrc"):
+        if (candidate / SOURCE_NAME).is_file():
+            return candidate
+    raise RuntimeError(
+        f"caad_kernels: the C++ sources ({SOURCE_NAME}) are missing: looked in {package / '_csrc'} and "
+        f"{package.parent / 'csrc'}"
+    )
+
+
+def cache_root() -> Path:
+    """Where builds are cached: ``$CAAD_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/caad_kernels``."""
+    explicit = os.environ.get("CAAD_KERNELS_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "caad_kernels"
+
+
+def build_key() -> str:
+    """Hex digest over everything that changes the binary: sources, torch, Python ABI, compiler, flags."""
+    digest = hashlib.sha256()
+    directory = source_directory()
+    for path in sorted(directory.glob("contrastive_kd*")):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    for part in (
+        torch.__version__,
+        str(torch.version.git_version),
+        sys.version,
+        str(sysconfig.get_config_var("EXT_SUFFIX")),
+        platform.machine(),
+        os.environ.get("CXX", "c++"),
+        " ".join(EXTRA_CFLAGS),
+        " ".join(EXTRA_LDFLAGS),
+    ):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def build_directory() -> Path:
+    """The cache directory of the current sources and toolchain (it may not exist yet)."""
+    return cache_root() / f"contrastive_kd_{build_key()[:16]}"
+
+
+def load_extension() -> ModuleType:
+    """Build (first time) or load (from the cache) the extension module; thread- and process-safe.
+
+    Raises RuntimeError with the reason when it cannot be built (no compiler, no ninja, a compile
+    error); the failure is remembered for the rest of the process.
+    """
+    global _module, _failure
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        if _failure is not None:
+            raise _failure
+        try:
+            _module = _build()
+        except Exception as error:
+            _failure = RuntimeError(
+                "caad_kernels: could not build the C++ CPU kernels (backend='cpp'); they need a C++17 "
+                f"compiler with OpenMP and ninja (`pip install ninja`). Cause: {type(error).__name__}: {error}"
+            )
+            _failure.__cause__ = error
+            raise _failure from error
+        return _module
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja was not found on PATH")
+    directory = source_directory()
+    key = build_key()
+    build_dir = cache_root() / f"contrastive_kd_{key[:16]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=f"caad_contrastive_kd_{key[:12]}",
+        sources=[str(directory / SOURCE_NAME)],
+        extra_cflags=list(EXTRA_CFLAGS),
+        extra_ldflags=list(EXTRA_LDFLAGS),
+        extra_include_paths=[str(directory)],
+        build_directory=str(build_dir),
+        verbose=os.environ.get("CAAD_KERNELS_VERBOSE") == "1",
+    )
+
+
+def _check_inputs(*views: RowView | None) -> None:
+    for view in views:
+        if view is None:
+            continue
+        if view.data.device.type != "cpu":
+            raise ValueError(f"the cpp backend runs on CPU tensors, got a tensor on {view.data.device}")
+        if view.data.dtype == torch.float64:
+            raise TypeError(
+                "the cpp backend computes in float32 and takes float32/bfloat16/float16 inputs, got float64; "
+                "use backend='torch' (which accumulates in float64) or 'auto'"
+            )
+
+
+def _scalar_args(params: RowParams) -> tuple[float, float, float, float, bool]:
+    cutoff = params.log_plausibility is not None
+    return (
+        float(params.alpha),
+        float(params.inv_temperature),
+        float(params.beta),
+        float(params.log_plausibility) if cutoff else 0.0,
+        cutoff,
+    )
+
+
+def forward_rows(
+    student: RowView,
+    teacher: RowView,
+    negative: RowView | None,
+    labels: torch.Tensor | None,
+    params: RowParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kd, ce, stats)``: float32 ``[rows]``, ``[rows]``, ``[rows, 5]`` (contract in ``backends``).
+
+    Rows whose label is ``ignore_index`` have ``kd = ce = 0`` and all-zero ``stats``.
+    """
+    ext = load_extension()
+    negative = negative if params.has_negative else None
+    _check_inputs(student, teacher, negative)
+    alpha, inv_t, beta, log_plausibility, cutoff = _scalar_args(params)
+    kd, ce, stats = ext.forward(
+        student.data,
+        teacher.data,
+        None if negative is None else negative.data,
+        labels if params.has_labels else None,
+        alpha,
+        inv_t,
+        beta,
+        log_plausibility,
+        cutoff,
+        int(params.ignore_index),
+        int(params.vocab_size),
+    )
+    return kd, ce, stats
+
+
+def backward_rows(
+    student: RowView,
+    teacher: RowView,
+    negative: RowView | None,
+    labels: torch.Tensor | None,
+    stats: torch.Tensor,
+    coef_kd: torch.Tensor,
+    coef_ce: torch.Tensor,
+    params: RowParams,
+    grad: torch.Tensor,
+) -> None:
+    """Write ``coef_kd * d kd/d s + coef_ce * d ce/d s`` into ``grad`` (contiguous ``[rows, V]``,
+    the student's dtype; it may be the student itself)."""
+    ext = load_extension()
+    negative = negative if params.has_negative else None
+    _check_inputs(student, teacher, negative)
+    if grad.device.type != "cpu":
+        raise ValueError(f"the cpp backend writes CPU gradients, got grad on {grad.device}")
+    alpha, inv_t, beta, log_plausibility, cutoff = _scalar_args(params)
+    ext.backward(
+        student.data,
+        teacher.data,
+        None if negative is None else negative.data,
+        labels if params.has_labels else None,
+        stats.float().contiguous(),
+        coef_kd.float().contiguous(),
+        coef_ce.float().contiguous(),
+        alpha,
+        inv_t,
+        beta,
+        log_plausibility,
+        cutoff,
+        int(params.ignore_index),
+        int(params.vocab_size),
+        grad,
+    )

@@ -1,0 +1,460 @@
+// C++ (OpenMP) CPU row kernels of the contrastive KD loss: the "cpp" backend of caad_kernels.
+//
+// Contract: caad_kernels/backends/__init__.py. Inputs are [B, T, V] views with unit last-dim
+// stride (row r = b * T + t at b * stride(0) + t * stride(1)); the teacher may be wider than the
+// student (only the first `vocab` columns are read). float32, bfloat16 and float16 inputs, each
+// tensor its own dtype; tiles are converted to float32 and every sum is accumulated in float32.
+//
+// Work is split into units (row, column segment). With at least as many rows as threads a unit is
+// a whole row and each row runs all its sweeps back to back (the row stays in cache); with fewer
+// rows each row is split into segments, one sweep at a time, and the partial states are merged.
+// Forward and reverse KL take one sweep per row (an online softmax with the recurrence
+// W' = exp(da) (W + S (da - db)) when the maxima move by da, db); the plausibility cutoff adds a
+// first sweep for max z_pos, the mixture a second sweep once lse_a and lse_b are known.
+// Rows whose label is ignore_index are skipped: kd = ce = 0, stats 0, gradient 0.
+
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CAAD_HAVE_AVX2_BUILD 1
+#endif
+
+namespace caad {
+
+constexpr int64_t kTile = 2048;             // columns per float32 tile (8 KiB per buffer)
+constexpr int64_t kMinSegmentColumns = 4096;  // never split a row into pieces smaller than this
+constexpr int64_t kIgnored = -2;              // row label marker: ignore_index (-1: no label)
+
+enum class DType : int { kF32, kBF16, kF16 };
+enum class Divergence : int { kForward, kReverse, kMixture };
+
+inline size_t dtype_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }
+
+// A strided [B, T, V] source: row r lives at base + (r / T) * sb + (r % T) * st elements.
+struct Src {
+  const char* base = nullptr;
+  DType dt = DType::kF32;
+  int64_t sb = 0, st = 0, seq = 1;
+
+  const void* at(int64_t row, int64_t col) const {
+    const int64_t b = row / seq, t = row - b * seq;
+    return base + (b * sb + t * st + col) * static_cast<int64_t>(dtype_size(dt));
+  }
+};
+
+// Everything a unit needs; plain data so that both ISA builds of the tile kernels can use it.
+struct RowJob {
+  Src student, zpos, zneg;
+  bool has_negative = false, cutoff = false;
+  float alpha = 0.f, inv_temperature = 1.f, beta = 0.f, log_plausibility = 0.f;
+  float log_beta = 0.f, log_one_minus_beta = 0.f;
+  Divergence divergence = Divergence::kForward;
+  DType grad_dt = DType::kF32;
+};
+
+// Online softmax state over some columns: maxima of a and s (mb = ms / tau), sums of exp relative
+// to them, and the KL accumulator w (see contrastive_kd_tiles.h).
+struct Partial {
+  float ma = -FLT_MAX, ms = -FLT_MAX;
+  float sa = 0.f, sb = 0.f, ss = 0.f, w = 0.f;
+};
+
+// Per-row inputs of the backward unit.
+struct RowStats {
+  float lse_a, lse_b, lse_s, kl_aux, zthr, coef_kd, coef_ce;
+  int64_t label;  // column of the CE one-hot, -1 when none
+};
+
+// Merge state `x` into `acc`: rescale both to the common maxima. A side with a zero sum adds
+// nothing (its maxima may still be the -FLT_MAX sentinel, whose differences are not meaningful).
+inline void merge_partial(Partial& acc, const Partial& x, float inv_t, Divergence div) {
+  const float ma = std::max(acc.ma, x.ma), ms = std::max(acc.ms, x.ms);
+  auto fold = [&](const Partial& p, float* sa, float* sb, float* ss, float* w) {
+    const float da = p.ma - ma, ds = p.ms - ms, db = ds * inv_t;
+    const float ea = p.sa > 0.f ? std::exp(da) : 0.f;
+    const float eb = p.sb > 0.f ? std::exp(db) : 0.f;
+    *sa += p.sa * ea;
+    *sb += p.sb * eb;
+    *ss += p.ss > 0.f ? p.ss * std::exp(ds) : 0.f;
+    if (div == Divergence::kForward && p.sa > 0.f) *w += ea * (p.w + p.sa * (da - db));
+    if (div == Divergence::kReverse && p.sb > 0.f) *w += eb * (p.w + p.sb * (db - da));
+  };
+  float sa = 0.f, sb = 0.f, ss = 0.f, w = 0.f;
+  fold(acc, &sa, &sb, &ss, &w);
+  fold(x, &sa, &sb, &ss, &w);
+  acc = Partial{ma, ms, sa, sb, ss, w};
+}
+
+namespace generic {
+#include "contrastive_kd_tiles.h"
+}  // namespace generic
+
+#ifdef CAAD_HAVE_AVX2_BUILD
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define CAAD_TILES_F16C 1
+namespace avx2 {
+#include "contrastive_kd_tiles.h"
+}  // namespace avx2
+#undef CAAD_TILES_F16C
+#pragma GCC pop_options
+#endif
+
+// One ISA's set of unit kernels.
+struct Kernels {
+  const char* name;
+  float (*zmax)(const RowJob&, int64_t, int64_t, int64_t);
+  Partial (*main)(const RowJob&, int64_t, int64_t, int64_t, float);
+  void (*mixture)(const RowJob&, int64_t, int64_t, int64_t, float, const Partial&, float*, float*);
+  void (*backward)(const RowJob&, int64_t, int64_t, int64_t, const RowStats&, void*);
+};
+
+const Kernels kGeneric{"generic", generic::zmax_unit, generic::main_unit, generic::mixture_unit,
+                       generic::backward_unit};
+#ifdef CAAD_HAVE_AVX2_BUILD
+const Kernels kAvx2{"avx2", avx2::zmax_unit, avx2::main_unit, avx2::mixture_unit, avx2::backward_unit};
+#endif
+
+const Kernels* best_kernels() {
+#ifdef CAAD_HAVE_AVX2_BUILD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return &kAvx2;
+  }
+#endif
+  return &kGeneric;
+}
+
+const Kernels* g_kernels = best_kernels();
+
+// ---------------------------------------------------------------------------------------------
+// argument handling
+
+DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kF32;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kHalf:
+      return DType::kF16;
+    default:
+      TORCH_CHECK_TYPE(false, "caad cpp backend: ", name, " must be float32, bfloat16 or float16, got ",
+                       t.scalar_type(), " (float64 inputs: use backend='torch', which accumulates in float64)");
+  }
+  return DType::kF32;
+}
+
+Src make_src(const at::Tensor& t, const char* name, int64_t batch, int64_t seq, int64_t vocab) {
+  TORCH_CHECK(t.device().is_cpu(), "caad cpp backend: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 3, "caad cpp backend: ", name, " must be a [B, T, V] view, got ", t.dim(), " dims");
+  TORCH_CHECK(t.size(0) == batch && t.size(1) == seq, "caad cpp backend: ", name, " has leading shape [",
+              t.size(0), ", ", t.size(1), "], expected [", batch, ", ", seq, "]");
+  TORCH_CHECK(t.size(2) >= vocab, "caad cpp backend: ", name, " is narrower (", t.size(2),
+              ") than the vocabulary (", vocab, ")");
+  TORCH_CHECK(t.stride(2) == 1 || t.size(2) <= 1, "caad cpp backend: ", name, " needs a unit last-dim stride");
+  Src s;
+  s.base = static_cast<const char*>(t.data_ptr());
+  s.dt = to_dtype(t, name);
+  s.sb = t.stride(0);
+  s.st = t.stride(1);
+  s.seq = std::max<int64_t>(seq, 1);
+  return s;
+}
+
+RowJob make_job(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& negative,
+                double alpha, double inv_temperature, double beta, double log_plausibility, bool cutoff,
+                int64_t vocab) {
+  TORCH_CHECK(student.dim() == 3, "caad cpp backend: student must be a [B, T, V] view");
+  TORCH_CHECK(vocab >= 1 && student.size(2) == vocab, "caad cpp backend: vocab_size ", vocab,
+              " must equal the student's width ", student.size(2));
+  TORCH_CHECK(inv_temperature > 0, "caad cpp backend: inv_temperature must be > 0");
+  TORCH_CHECK(beta >= 0 && beta <= 1, "caad cpp backend: beta must be in [0, 1]");
+  TORCH_CHECK(!(cutoff && beta == 1.0), "caad cpp backend: reverse KL with a plausibility cutoff is infinite");
+  const int64_t batch = student.size(0), seq = student.size(1);
+  RowJob job;
+  job.student = make_src(student, "student", batch, seq, vocab);
+  job.zpos = make_src(teacher, "teacher", batch, seq, vocab);
+  job.has_negative = negative.has_value();
+  if (job.has_negative) job.zneg = make_src(*negative, "negative", batch, seq, vocab);
+  job.cutoff = cutoff;
+  job.alpha = static_cast<float>(alpha);
+  job.inv_temperature = static_cast<float>(inv_temperature);
+  job.beta = static_cast<float>(beta);
+  job.log_plausibility = static_cast<float>(log_plausibility);
+  job.divergence = beta == 0.0 ? Divergence::kForward : (beta == 1.0 ? Divergence::kReverse : Divergence::kMixture);
+  if (job.divergence == Divergence::kMixture) {
+    job.log_beta = static_cast<float>(std::log(beta));
+    job.log_one_minus_beta = static_cast<float>(std::log1p(-beta));
+  }
+  job.grad_dt = job.student.dt;
+  return job;
+}
+
+// Valid-row mask from the labels (all rows when there are none); checks the label range.
+std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t rows, int64_t ignore_index,
+                                int64_t vocab) {
+  std::vector<int64_t> out(rows, -1);
+  if (!labels.has_value()) return out;
+  const at::Tensor& y = *labels;
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.is_contiguous() && y.numel() == rows,
+              "caad cpp backend: labels must be a contiguous int64 CPU tensor of ", rows, " elements");
+  const int64_t* p = y.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    if (p[i] == ignore_index) {
+      out[i] = kIgnored;
+      continue;
+    }
+    TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "caad cpp backend: label ", p[i], " at row ", i, " is outside [0, ",
+                vocab, ") and is not ignore_index=", ignore_index);
+    out[i] = p[i];
+  }
+  return out;
+}
+
+// Column segments per row: 1 when there are enough rows to keep every thread busy.
+int64_t segments_per_row(int64_t rows, int64_t vocab) {
+  const int64_t threads = std::max(1, omp_get_max_threads());
+  if (rows >= threads) return 1;
+  const int64_t want = (threads + rows - 1) / rows;
+  return std::max<int64_t>(1, std::min(want, vocab / kMinSegmentColumns));
+}
+
+inline int64_t seg_begin(int64_t seg, int64_t segs, int64_t vocab) { return vocab * seg / segs; }
+
+int64_t dynamic_chunk(int64_t units) {
+  const int64_t threads = std::max(1, omp_get_max_threads());
+  return std::max<int64_t>(1, units / (threads * 16));
+}
+
+float read_scalar(const Src& src, int64_t row, int64_t col) {
+  const void* p = src.at(row, col);
+  switch (src.dt) {
+    case DType::kF32:
+      return *static_cast<const float*>(p);
+    case DType::kBF16:
+      return static_cast<float>(*static_cast<const c10::BFloat16*>(p));
+    default:
+      return static_cast<float>(*static_cast<const c10::Half*>(p));
+  }
+}
+
+struct ForwardOut {
+  float* kd;
+  float* ce;
+  float* stats;
+};
+
+// Final per-row values from the merged state (and the mixture's sums).
+void finalize_row(const RowJob& job, int64_t row, int64_t label, float zmax, const Partial& st, float kl_pm,
+                  float kl_qm, const ForwardOut& out) {
+  const double log_sa = std::log(static_cast<double>(st.sa)), log_sb = std::log(static_cast<double>(st.sb));
+  const double inv_t = job.inv_temperature;
+  double kd = 0.0, kl_aux = 0.0;
+  switch (job.divergence) {
+    case Divergence::kForward:
+      kd = static_cast<double>(st.w) / st.sa - log_sa + log_sb;
+      break;
+    case Divergence::kReverse:
+      kd = static_cast<double>(st.w) / st.sb - log_sb + log_sa;
+      kl_aux = kd;
+      break;
+    default:
+      kd = static_cast<double>(job.beta) * kl_pm + (1.0 - static_cast<double>(job.beta)) * kl_qm;
+      kl_aux = kl_qm;
+      break;
+  }
+  const double lse_s = st.ms + std::log(static_cast<double>(st.ss));
+  float* s = out.stats + row * 5;
+  s[0] = static_cast<float>(st.ma + log_sa);
+  s[1] = static_cast<float>(st.ms * inv_t + log_sb);
+  s[2] = static_cast<float>(lse_s);
+  s[3] = static_cast<float>(kl_aux);
+  s[4] = job.cutoff ? zmax : 0.f;
+  out.kd[row] = static_cast<float>(kd);
+  out.ce[row] = label >= 0 ? static_cast<float>(lse_s - read_scalar(job.student, row, label)) : 0.f;
+}
+
+void zero_row(int64_t row, const ForwardOut& out) {
+  out.kd[row] = 0.f;
+  out.ce[row] = 0.f;
+  std::fill(out.stats + row * 5, out.stats + row * 5 + 5, 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points
+
+std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& negative, const std::optional<at::Tensor>& labels,
+                                double alpha, double inv_temperature, double beta, double log_plausibility,
+                                bool cutoff, int64_t ignore_index, int64_t vocab) {
+  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
+                              vocab);
+  const int64_t rows = student.size(0) * student.size(1);
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  at::Tensor kd = at::empty({rows}, opts), ce = at::empty({rows}, opts), stats = at::empty({rows, 5}, opts);
+  if (rows == 0) return {kd, ce, stats};
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
+  const ForwardOut out{kd.data_ptr<float>(), ce.data_ptr<float>(), stats.data_ptr<float>()};
+  const Kernels& K = *g_kernels;
+  const bool mixture = job.divergence == Divergence::kMixture;
+  const int64_t segs = segments_per_row(rows, vocab);
+
+  if (segs == 1) {
+#pragma omp parallel for schedule(dynamic, dynamic_chunk(rows))
+    for (int64_t row = 0; row < rows; ++row) {
+      if (label[row] == kIgnored) {
+        zero_row(row, out);
+        continue;
+      }
+      const float zmax = job.cutoff ? K.zmax(job, row, 0, vocab) : 0.f;
+      const float zthr = zmax + job.log_plausibility;
+      const Partial st = K.main(job, row, 0, vocab, zthr);
+      float pm = 0.f, qm = 0.f;
+      if (mixture) K.mixture(job, row, 0, vocab, zthr, st, &pm, &qm);
+      finalize_row(job, row, label[row], zmax, st, pm, qm, out);
+    }
+    return {kd, ce, stats};
+  }
+
+  // Few rows: every sweep is split over (row, segment) units, then the partials are merged per row.
+  const int64_t units = rows * segs;
+  std::vector<float> zmax(rows, 0.f), part_zmax(units, -INFINITY);
+  if (job.cutoff) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t row = u / segs, seg = u % segs;
+      if (label[row] != kIgnored) {
+        part_zmax[u] = K.zmax(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab));
+      }
+    }
+    for (int64_t row = 0; row < rows; ++row) {
+      zmax[row] = *std::max_element(part_zmax.begin() + row * segs, part_zmax.begin() + (row + 1) * segs);
+    }
+  }
+  std::vector<Partial> part(units);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t row = u / segs, seg = u % segs;
+    if (label[row] != kIgnored) {
+      part[u] = K.main(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab),
+                       zmax[row] + job.log_plausibility);
+    }
+  }
+  std::vector<Partial> state(rows);
+  for (int64_t u = 0; u < units; ++u) merge_partial(state[u / segs], part[u], job.inv_temperature, job.divergence);
+  std::vector<float> pm(units, 0.f), qm(units, 0.f);
+  if (mixture) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t row = u / segs, seg = u % segs;
+      if (label[row] != kIgnored) {
+        K.mixture(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab),
+                  zmax[row] + job.log_plausibility, state[row], &pm[u], &qm[u]);
+      }
+    }
+  }
+  for (int64_t row = 0; row < rows; ++row) {
+    if (label[row] == kIgnored) {
+      zero_row(row, out);
+      continue;
+    }
+    float row_pm = 0.f, row_qm = 0.f;
+    for (int64_t seg = 0; seg < segs; ++seg) {
+      row_pm += pm[row * segs + seg];
+      row_qm += qm[row * segs + seg];
+    }
+    finalize_row(job, row, label[row], zmax[row], state[row], row_pm, row_qm, out);
+  }
+  return {kd, ce, stats};
+}
+
+void backward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& negative,
+              const std::optional<at::Tensor>& labels, const at::Tensor& stats, const at::Tensor& coef_kd,
+              const at::Tensor& coef_ce, double alpha, double inv_temperature, double beta, double log_plausibility,
+              bool cutoff, int64_t ignore_index, int64_t vocab, at::Tensor& grad) {
+  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
+                              vocab);
+  const int64_t rows = student.size(0) * student.size(1);
+  auto check_f32 = [&](const at::Tensor& t, const char* name, int64_t cols) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.numel() == rows * cols,
+                "caad cpp backend: ", name, " must be a contiguous float32 CPU tensor of ", rows, " x ", cols,
+                " elements");
+  };
+  check_f32(stats, "stats", 5);
+  check_f32(coef_kd, "coef_kd", 1);
+  check_f32(coef_ce, "coef_ce", 1);
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.numel() == rows * vocab &&
+                  grad.scalar_type() == student.scalar_type(),
+              "caad cpp backend: grad must be a contiguous CPU tensor of ", rows, " x ", vocab,
+              " elements in the student's dtype");
+  if (rows == 0) return;
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
+  const float* st = stats.data_ptr<float>();
+  const float* ckd = coef_kd.data_ptr<float>();
+  const float* cce = coef_ce.data_ptr<float>();
+  char* gbase = static_cast<char*>(grad.data_ptr());
+  const size_t row_bytes = static_cast<size_t>(vocab) * dtype_size(job.grad_dt);
+  const Kernels& K = *g_kernels;
+  const int64_t segs = segments_per_row(rows, vocab), units = rows * segs;
+  const bool has_labels = labels.has_value();
+
+#pragma omp parallel for schedule(dynamic, dynamic_chunk(units))
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t row = u / segs, seg = u % segs;
+    const float* s = st + row * 5;
+    const bool ignored = label[row] == kIgnored;
+    RowStats rs{s[0], s[1], s[2], s[3], s[4] + job.log_plausibility, ignored ? 0.f : ckd[row],
+                ignored || !has_labels ? 0.f : cce[row], ignored ? -1 : label[row]};
+    K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), rs,
+               gbase + row * row_bytes);
+  }
+}
+
+std::string isa() { return g_kernels->name; }
+
+// Testing hook: force the "generic" kernels (or back to the best available with "auto").
+void set_isa(const std::string& name) {
+  if (name == "generic") {
+    g_kernels = &kGeneric;
+  } else if (name == "auto") {
+    g_kernels = best_kernels();
+  } else {
+    TORCH_CHECK(false, "caad cpp backend: unknown ISA ", name, " (use 'generic' or 'auto')");
+  }
+}
+
+}  // namespace caad
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "caad_kernels C++ (OpenMP) CPU row kernels of the contrastive KD loss";
+  m.def("forward", &caad::forward, py::call_guard<py::gil_scoped_release>(),
+        "forward(student, teacher, negative, labels, alpha, inv_temperature, beta, log_plausibility, cutoff, "
+        "ignore_index, vocab) -> [kd, ce, stats]",
+        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha"),
+        py::arg("inv_temperature"), py::arg("beta"), py::arg("log_plausibility"), py::arg("cutoff"),
+        py::arg("ignore_index"), py::arg("vocab"));
+  m.def("backward", &caad::backward, py::call_guard<py::gil_scoped_release>(),
+        "backward(student, teacher, negative, labels, stats, coef_kd, coef_ce, alpha, inv_temperature, beta, "
+        "log_plausibility, cutoff, ignore_index, vocab, grad) -> None (writes grad)",
+        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("stats"),
+        py::arg("coef_kd"), py::arg("coef_ce"), py::arg("alpha"), py::arg("inv_temperature"), py::arg("beta"),
+        py::arg("log_plausibility"), py::arg("cutoff"), py::arg("ignore_index"), py::arg("vocab"),
+        py::arg("grad"));
+  m.def("isa", &caad::isa, "name of the kernel set in use: 'avx2' or 'generic'");
+  m.def("set_isa", &caad::set_isa, "testing hook: 'generic' forces the baseline kernels, 'auto' restores");
+}
