@@ -20,7 +20,7 @@ from caad_kernels.options import (
     check_no_nan,
     check_num_items,
 )
-from caad_kernels.rows import as_rows
+from caad_kernels.rows import as_row_views
 
 
 class KDLossOutput(NamedTuple):
@@ -91,7 +91,9 @@ def reduction_denominator(
     return valid.sum().clamp(min=1).to(torch.float32)
 
 
-def reduce_rows(values: torch.Tensor, reduction: str, denominator: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+def reduce_rows(
+    values: torch.Tensor, reduction: str, denominator: torch.Tensor, lead_shape: torch.Size
+) -> torch.Tensor:
     if reduction == "none":
         return values.reshape(lead_shape)
     total = values.sum()
@@ -131,8 +133,7 @@ class _ContrastiveKDFunction(torch.autograd.Function):
         vocab = student.shape[-1]
         backend = resolve_backend(opts.backend, student.device, student.dtype)
         params = opts.row_params(vocab, negative is not None, labels is not None)
-        s_rows, t_rows = as_rows(student), as_rows(teacher)
-        n_rows = as_rows(negative) if params.has_negative else None
+        s_rows, t_rows, n_rows = as_row_views(student, teacher, negative if params.has_negative else None)
         flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
         kd, ce, stats = backend.forward_rows(s_rows, t_rows, n_rows, flat_labels, params)
         valid = None if flat_labels is None else flat_labels != opts.ignore_index
@@ -141,7 +142,8 @@ class _ContrastiveKDFunction(torch.autograd.Function):
         kd_loss = reduce_rows(kd, opts.reduction, denominator, lead)
         ce_loss = reduce_rows(ce, opts.reduction, denominator, lead)
         loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
-        ctx.save_for_backward(student, teacher, negative if params.has_negative else None, flat_labels, stats, denominator)
+        saved_negative = negative if params.has_negative else None
+        ctx.save_for_backward(student, teacher, saved_negative, flat_labels, stats, denominator)
         ctx.opts, ctx.params, ctx.backend = opts, params, backend
         out_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         return loss.to(out_dtype), kd_loss.to(out_dtype), ce_loss.to(out_dtype)
@@ -158,11 +160,11 @@ class _ContrastiveKDFunction(torch.autograd.Function):
         coef_kd = row_coefficients(grad_loss, grad_kd, opts.kd_weight, opts.kd_scale, **common)
         coef_ce = row_coefficients(grad_loss, grad_ce, opts.ce_weight, 1.0, **common)
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        s_rows = as_rows(student)
+        s_rows, t_rows, n_rows = as_row_views(student, teacher, negative)
         ctx.backend.backward_rows(
             s_rows,
-            as_rows(teacher),
-            None if negative is None else as_rows(negative),
+            t_rows,
+            n_rows,
             labels,
             stats,
             coef_kd,

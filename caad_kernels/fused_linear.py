@@ -34,7 +34,7 @@ from caad_kernels.options import (
     check_no_nan,
     check_num_items,
 )
-from caad_kernels.rows import as_rows
+from caad_kernels.rows import as_row_views
 
 CPU_CHUNK_ELEMENTS = 1 << 22  # logits per path per chunk on the CPU: 16 MiB in float32
 GPU_CHUNK_FRACTION = 0.05  # share of free device memory the three chunk buffers may take
@@ -156,7 +156,7 @@ class _FusedLinearFunction(torch.autograd.Function):
 def _chunk_loop(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, params, backend, chunk_size, accum_dtype, needs,
                 coef_kd, coef_ce):
     """One pass over the row chunks: per-row losses, and the gradients when coefficients are given."""
-    rows, vocab = h_s.shape[0], w_s.shape[0]
+    rows = h_s.shape[0]
     device = h_s.device
     loss_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
     kd = torch.empty(rows, dtype=loss_dtype, device=device)
@@ -178,8 +178,7 @@ def _chunk_loop(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, params, backend, chun
                 both = _linear(torch.cat([h_t[start:stop], h_n[start:stop]]), w_t, b_t)
                 z_pos, z_neg = both[: stop - start], both[stop - start :]
         chunk_labels = None if labels is None else labels[start:stop]
-        s_rows, t_rows = as_rows(logits), as_rows(z_pos)
-        n_rows = None if z_neg is None else as_rows(z_neg)
+        s_rows, t_rows, n_rows = as_row_views(logits, z_pos, z_neg)
         kd_c, ce_c, stats = backend.forward_rows(s_rows, t_rows, n_rows, chunk_labels, params)
         kd[start:stop], ce[start:stop] = kd_c, ce_c
         if not with_grad:

@@ -175,6 +175,7 @@ def check_num_items(num_items_in_batch: object, reduction: str) -> None:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
         return
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
-        raise TypeError(f"num_items_in_batch must be a number or a scalar tensor, got {type(num_items_in_batch).__name__}")
+        kind = type(num_items_in_batch).__name__
+        raise TypeError(f"num_items_in_batch must be a number or a scalar tensor, got {kind}")
     if num_items_in_batch <= 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")

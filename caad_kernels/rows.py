@@ -53,7 +53,8 @@ class RowView:
         b1, t1 = divmod(stop - 1, self.seq)
         if b0 == b1:
             return self.data[b0, t0 : t1 + 1]
-        return torch.cat([self.data[b, (t0 if b == b0 else 0) : (t1 + 1 if b == b1 else self.seq)] for b in range(b0, b1 + 1)])
+        parts = [self.data[b, (t0 if b == b0 else 0) : (t1 + 1 if b == b1 else self.seq)] for b in range(b0, b1 + 1)]
+        return torch.cat(parts)
 
     def chunks(self, max_rows: int) -> list[tuple[int, int]]:
         """Row ranges of at most ``max_rows`` that never straddle two ``b`` (so slices stay views)."""
@@ -67,33 +68,46 @@ class RowView:
 
 def as_rows(tensor: torch.Tensor) -> RowView:
     """Fold ``[..., V]`` into a ``[B, T, V]`` view without copying when strides allow."""
-    if tensor.dim() == 1:
-        tensor = tensor.unsqueeze(0)
-    if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
-        tensor = tensor.contiguous()
-    lead_sizes = list(tensor.shape[:-1])
-    lead_strides = list(tensor.stride()[:-1])
-    # fold neighbouring leading dims whose strides nest (outer stride == inner stride * inner size)
-    sizes: list[int] = []
-    strides: list[int] = []
-    for size, stride in zip(lead_sizes, lead_strides):
-        if size == 1:
-            continue
-        if sizes and strides[-1] == stride * size:
-            sizes[-1] *= size
-            strides[-1] = stride
+    return as_row_views(tensor)[0]
+
+
+def as_row_views(*tensors: torch.Tensor | None) -> list[RowView | None]:
+    """Fold tensors sharing their leading shape into ``[B, T, width]`` views with one common ``B, T``.
+
+    Neighbouring leading dims are merged only where the merge is valid for every tensor, so row
+    ``r`` means the same position in all of them. ``None`` entries stay ``None``.
+    """
+    present = [t for t in tensors if t is not None]
+    present = [t.unsqueeze(0) if t.dim() == 1 else t for t in present]
+    present = [t.contiguous() if t.stride(-1) != 1 and t.shape[-1] > 1 else t for t in present]
+    lead = list(present[0].shape[:-1])
+    if any(list(t.shape[:-1]) != lead for t in present):
+        raise ValueError(f"tensors must share their leading shape, got {[tuple(t.shape[:-1]) for t in present]}")
+    keep = [i for i, size in enumerate(lead) if size != 1]
+    groups: list[list[int]] = []
+    for dim in keep:
+        if groups and all(t.stride(groups[-1][-1]) == t.stride(dim) * lead[dim] for t in present):
+            groups[-1].append(dim)
         else:
-            sizes.append(size)
-            strides.append(stride)
-    width = tensor.shape[-1]
-    if 0 in lead_sizes:
-        return RowView(tensor.reshape(1, 0, width))
-    if not sizes:
-        sizes, strides = [1], [width]
-    if len(sizes) == 1:
-        sizes, strides = [1] + sizes, [sizes[0] * strides[0]] + strides
-    if len(sizes) > 2:
-        tensor = tensor.reshape(-1, width).contiguous()
-        return RowView(tensor.unsqueeze(0))
-    view = tensor.as_strided((sizes[0], sizes[1], width), (strides[0], strides[1], 1), tensor.storage_offset())
-    return RowView(view)
+            groups.append([dim])
+    if 0 in lead:
+        views = [RowView(t.reshape(1, 0, t.shape[-1])) for t in present]
+    elif len(groups) > 2:
+        views = [RowView(t.reshape(-1, t.shape[-1]).contiguous().unsqueeze(0)) for t in present]
+    else:
+        sizes = [int(torch.tensor([lead[d] for d in g]).prod()) for g in groups]
+        views = []
+        for t in present:
+            strides = [t.stride(g[-1]) for g in groups]
+            if not sizes:
+                shape, stride = (1, 1), (t.shape[-1], t.shape[-1])
+            elif len(sizes) == 1:
+                shape, stride = (1, sizes[0]), (sizes[0] * strides[0], strides[0])
+            else:
+                shape, stride = tuple(sizes), tuple(strides)
+            views.append(RowView(t.as_strided((*shape, t.shape[-1]), (*stride, 1), t.storage_offset())))
+    out: list[RowView | None] = []
+    it = iter(views)
+    for t in tensors:
+        out.append(None if t is None else next(it))
+    return out

@@ -1,8 +1,8 @@
 """The Triton row kernels against the chunked torch backend and the float64 reference.
 
 Runs on the CPU under ``TRITON_INTERPRET=1`` (set here before triton is imported) with small
-shapes and small tiles (``block_v=16``), so that every row spans several tiles, the last one
-partial, and the online-softmax rescaling is exercised.
+shapes and small tiles (``block_v=32`` for V = 37, the automatic 128 for V = 1000), so that rows
+span several tiles, the last one partial, and the online-softmax rescaling is exercised.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from caad_kernels.rows import as_rows  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-BLOCK = 16
+BLOCK = 32
 
 
 def make_inputs(

@@ -40,5 +40,6 @@ __all__ = [
     "synthesize",
     "synthesize_corpus",
     "whisper_feature_extractor",
+    "write_manifest",
     "write_wav",
 ]

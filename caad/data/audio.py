@@ -89,7 +89,9 @@ def torchaudio_available() -> bool:
         import torchaudio
     except Exception:  # noqa: BLE001 - a mismatched build can raise anything at import
         return False
-    return torchaudio.__version__.split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    return (
+        torchaudio.__version__.split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    )
 
 
 def _kaiser(x: np.ndarray, beta: float) -> np.ndarray:
@@ -97,7 +99,9 @@ def _kaiser(x: np.ndarray, beta: float) -> np.ndarray:
     return np.i0(beta * np.sqrt(inside)) / np.i0(beta)
 
 
-def _sinc_weights(frac: np.ndarray, taps: np.ndarray, cutoff: float, half_width: int, beta: float) -> np.ndarray:
+def _sinc_weights(
+    frac: np.ndarray, taps: np.ndarray, cutoff: float, half_width: int, beta: float
+) -> np.ndarray:
     # distance (in input samples) from the output position to each contributing input sample
     t = frac[:, None] - taps[None, :]
     return cutoff * np.sinc(cutoff * t) * _kaiser(t / half_width, beta)
@@ -133,7 +137,10 @@ def resample(
     waveform = np.asarray(waveform)
     if waveform.ndim != 1:
         raise AudioError(f"resample expects a mono 1-D waveform, got shape {waveform.shape}")
-    for name, value in (("orig_sampling_rate", orig_sampling_rate), ("target_sampling_rate", target_sampling_rate)):
+    for name, value in (
+        ("orig_sampling_rate", orig_sampling_rate),
+        ("target_sampling_rate", target_sampling_rate),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     x = waveform.astype(np.float32) / (32768.0 if waveform.dtype == np.int16 else 1.0)
@@ -156,7 +163,9 @@ def resample(
     half_width = int(math.ceil(zero_crossings / cutoff))
     taps = np.arange(-half_width + 1, half_width + 1)  # input offsets relative to floor(position)
     n_out = -(-x.size * up // down)
-    padded = np.concatenate([np.zeros(half_width, np.float64), x.astype(np.float64), np.zeros(half_width + 1)])
+    padded = np.concatenate(
+        [np.zeros(half_width, np.float64), x.astype(np.float64), np.zeros(half_width + 1)]
+    )
     out = np.empty(n_out, dtype=np.float64)
     # Output n reads padded[base(n) + 1 : base(n) + 1 + 2W] with base(n) = floor(n * down / up).
     if up <= 4096:
@@ -182,7 +191,11 @@ def resample(
 
 @functools.lru_cache(maxsize=8)
 def whisper_feature_extractor(
-    n_mels: int = 80, sampling_rate: int = 16000, hop_length: int = 160, chunk_length: int = 30, n_fft: int = 400
+    n_mels: int = 80,
+    sampling_rate: int = 16000,
+    hop_length: int = 160,
+    chunk_length: int = 30,
+    n_fft: int = 400,
 ) -> WhisperFeatureExtractor:
     """A ``WhisperFeatureExtractor`` built from parameters (no hub access); Whisper's defaults
     (80 mel bins, 16 kHz, 10 ms hop, 30 s windows; large-v3 uses 128 bins)."""
@@ -233,15 +246,18 @@ def log_mel_features(
         if array.ndim != 1 or array.size == 0:
             raise AudioError(f"waveforms[{index}] must be a non-empty 1-D array, got shape {array.shape}")
         checked.append(array)
-    extractor = whisper_feature_extractor(n_mels=n_mels, sampling_rate=sampling_rate, chunk_length=chunk_length)
+    extractor = whisper_feature_extractor(
+        n_mels=n_mels, sampling_rate=sampling_rate, chunk_length=chunk_length
+    )
     kwargs: dict[str, Any] = {"padding": padding, "return_attention_mask": True, "return_tensors": "np"}
     if padding == "max_length":
         kwargs["max_length"] = extractor.n_samples
         kwargs["truncation"] = True
     features = extractor(checked, sampling_rate=sampling_rate, **kwargs)
-    mask = features["attention_mask"][:, :: extractor.hop_length]
     frames = features["input_features"].shape[-1]
-    mask = mask[:, :frames]
+    mask = np.asarray(features["attention_mask"])
+    if mask.shape[-1] != frames:  # a sample-level mask (older transformers): one entry per hop
+        mask = mask[:, :: extractor.hop_length][:, :frames]
     return {
         "input_features": np.asarray(features["input_features"], dtype=np.float32),
         "attention_mask": np.asarray(mask, dtype=np.int32),

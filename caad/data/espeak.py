@@ -200,7 +200,9 @@ class _Engine:
         self.lib.espeak_SetParameter(_PARAM_RATE, int(rate_wpm), 0)
         self.lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
         encoded = text.encode("utf-8") + b"\0"
-        status = self.lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None)
+        status = self.lib.espeak_Synth(
+            encoded, len(encoded), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None
+        )
         if status != 0:
             raise EspeakError(f"espeak_Synth failed with error {status} for text {text[:60]!r}")
         self.lib.espeak_Synchronize()
@@ -222,7 +224,9 @@ def _check_request(text: str, voice: str, rate_wpm: int, pitch: int) -> tuple[st
     if isinstance(rate_wpm, bool) or not isinstance(rate_wpm, (int, np.integer)):
         raise ValueError(f"rate_wpm must be an int (words per minute), got {rate_wpm!r}")
     if not ESPEAK_MIN_RATE_WPM <= rate_wpm <= ESPEAK_MAX_RATE_WPM:
-        raise ValueError(f"rate_wpm must be in [{ESPEAK_MIN_RATE_WPM}, {ESPEAK_MAX_RATE_WPM}], got {rate_wpm}")
+        raise ValueError(
+            f"rate_wpm must be in [{ESPEAK_MIN_RATE_WPM}, {ESPEAK_MAX_RATE_WPM}], got {rate_wpm}"
+        )
     if isinstance(pitch, bool) or not isinstance(pitch, (int, np.integer)) or not 0 <= pitch <= 100:
         raise ValueError(f"pitch must be an int in [0, 100], got {pitch!r}")
     return text, espeak_voice, int(rate_wpm), int(pitch)
@@ -318,9 +322,15 @@ def synthesize_many(
             with _LOCK:
                 pending.append(_Child(engine, request))
             if len(pending) >= workers:
-                yield np.frombuffer(pending.popleft().result(), dtype="<i2").astype(np.int16), engine.sampling_rate
+                yield (
+                    np.frombuffer(pending.popleft().result(), dtype="<i2").astype(np.int16),
+                    engine.sampling_rate,
+                )
         while pending:
-            yield np.frombuffer(pending.popleft().result(), dtype="<i2").astype(np.int16), engine.sampling_rate
+            yield (
+                np.frombuffer(pending.popleft().result(), dtype="<i2").astype(np.int16),
+                engine.sampling_rate,
+            )
     finally:
         while pending:
             pending.popleft().kill()

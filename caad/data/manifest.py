@@ -66,8 +66,13 @@ _KNOWN = set(_REQUIRED_STR) | set(_OPTIONAL_STR) | {"sampling_rate", "metadata"}
 class ManifestError(ValueError):
     """A manifest file or row is malformed. ``path``, ``line`` (1-based) and ``field`` say where."""
 
-    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, line: int | None = None,
-                 field: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        path: str | os.PathLike[str] | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
         self.path = None if path is None else Path(path)
         self.line = line
         self.field = field
@@ -142,8 +147,13 @@ class ManifestRow:
         return out
 
     @classmethod
-    def from_dict(cls, obj: Any, path: str | os.PathLike[str] | None = None, line: int | None = None,
-                  base_dir: Path | None = None) -> ManifestRow:  # fmt: skip
+    def from_dict(
+        cls,
+        obj: Any,
+        path: str | os.PathLike[str] | None = None,
+        line: int | None = None,
+        base_dir: Path | None = None,
+    ) -> ManifestRow:
         """Validate one parsed JSON value; raises :class:`ManifestError` naming the line and field."""
         if not isinstance(obj, dict):
             raise ManifestError(f"expected a JSON object, got {type(obj).__name__}", path, line)
@@ -157,12 +167,16 @@ class ManifestRow:
             raise ManifestError("missing (required)", path, line, "sampling_rate")
         rate = obj["sampling_rate"]
         if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
-            raise ManifestError(f"expected a positive integer (Hz), got {rate!r}", path, line, "sampling_rate")
+            raise ManifestError(
+                f"expected a positive integer (Hz), got {rate!r}", path, line, "sampling_rate"
+            )
         metadata = obj.get("metadata", {})
         if metadata is None:
             metadata = {}
         if not isinstance(metadata, dict):
-            raise ManifestError(f"expected a JSON object, got {type(metadata).__name__}", path, line, "metadata")
+            raise ManifestError(
+                f"expected a JSON object, got {type(metadata).__name__}", path, line, "metadata"
+            )
         optional: dict[str, str | None] = {}
         for name in _OPTIONAL_STR:
             value = obj.get(name)
@@ -185,8 +199,7 @@ class ManifestRow:
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            yield number, line
+        yield from enumerate(handle, start=1)
 
 
 def read_manifest(path: str | os.PathLike[str], allow_partial_last_line: bool = False) -> list[ManifestRow]:
@@ -220,7 +233,9 @@ def read_manifest(path: str | os.PathLike[str], allow_partial_last_line: bool = 
         except json.JSONDecodeError as error:
             if allow_partial_last_line and number == len(lines) and not line.endswith("\n"):
                 break
-            raise ManifestError(f"invalid JSON ({error.msg} at column {error.colno})", path, number) from error
+            raise ManifestError(
+                f"invalid JSON ({error.msg} at column {error.colno})", path, number
+            ) from error
         row = ManifestRow.from_dict(obj, path, number, base_dir)
         if row.id in seen:
             raise ManifestError(f"duplicate id {row.id!r} (first on line {seen[row.id]})", path, number, "id")
@@ -237,8 +252,9 @@ def _dump(row: ManifestRow | dict[str, Any], manifest_dir: Path, index: int) -> 
     return json.dumps(row.to_dict(manifest_dir), ensure_ascii=False) + "\n"
 
 
-def write_manifest(path: str | os.PathLike[str], rows: Iterable[ManifestRow | dict[str, Any]],
-                   overwrite: bool = False) -> Path:  # fmt: skip
+def write_manifest(
+    path: str | os.PathLike[str], rows: Iterable[ManifestRow | dict[str, Any]], overwrite: bool = False
+) -> Path:
     """Write rows as a JSONL manifest, atomically (a temporary file in the same folder, renamed).
 
     Refuses (``FileExistsError``) to replace an existing file unless ``overwrite``. Rows read from

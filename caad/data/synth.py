@@ -70,7 +70,9 @@ class CorpusPaths:
 def split_counts(num_examples: int, splits: Sequence[float]) -> list[int]:
     """Examples per split: fractions rounded (largest remainders), every non-zero split >= 1."""
     if len(splits) != len(SPLIT_NAMES):
-        raise ValueError(f"splits must give {len(SPLIT_NAMES)} fractions (train, validation, test), got {splits!r}")
+        raise ValueError(
+            f"splits must give {len(SPLIT_NAMES)} fractions (train, validation, test), got {splits!r}"
+        )
     fractions = [float(value) for value in splits]
     if any(value < 0 for value in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"splits must be non-negative fractions summing to 1, got {tuple(splits)!r}")
@@ -99,12 +101,21 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(
-            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace the corpus"
+            f"{out_dir} already exists and is not empty; "
+            "pass overwrite=True (--overwrite) to replace the corpus in it"
         )
     if not (out_dir / CORPUS_INFO_NAME).is_file():
         raise FileExistsError(
             f"{out_dir} is not a caad corpus (it has no {CORPUS_INFO_NAME}): refusing to delete its contents "
             "even with overwrite=True; choose another output folder"
+        )
+    corpus_entries = {CORPUS_INFO_NAME, "audio", *(f"{name}.jsonl" for name in SPLIT_NAMES)}
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in corpus_entries)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{out_dir} holds files that are not part of the corpus ({shown}): refusing to delete them even "
+            "with overwrite=True; move them elsewhere or choose another output folder"
         )
 
 
@@ -124,8 +135,15 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _row(spec: ExampleSpec, split: str, seed: int, pcm: np.ndarray, espeak_rate: int, sampling_rate: int,
-         audio_root: Path) -> ManifestRow:  # fmt: skip
+def _row(
+    spec: ExampleSpec,
+    split: str,
+    seed: int,
+    pcm: np.ndarray,
+    espeak_rate: int,
+    sampling_rate: int,
+    audio_root: Path,
+) -> ManifestRow:
     example_id = f"caad-s{seed}-{spec.index:06d}"
     relative = Path("audio") / split / f"{example_id}.wav"
     waveform = resample(pcm, espeak_rate, sampling_rate)

@@ -251,6 +251,11 @@ def whisper_feature_extractor(num_mel_bins: int, window_frames: int) -> WhisperF
     )
 
 
+def _full_shape(parameter: torch.Tensor) -> torch.Size:
+    # DeepSpeed ZeRO-3 partitions parameters to empty tensors and keeps the real shape in ds_shape.
+    return getattr(parameter, "ds_shape", parameter.shape)
+
+
 def _special_token(tokenizer: PreTrainedTokenizerBase, role: str) -> str:
     return getattr(tokenizer, role, None) or DEFAULT_SPECIAL_TOKENS[role]
 
@@ -344,11 +349,16 @@ class SpeechLM(nn.Module):
     @property
     def vocab_size(self) -> int:
         """Rows of ``lm_head`` (the logit width)."""
-        return int(self.lm_head.weight.shape[0])
+        return int(_full_shape(self.lm_head.weight)[0])
 
     @property
     def hidden_size(self) -> int:
-        return int(self.lm_head.weight.shape[1])
+        """Width of the final hidden states (columns of ``lm_head``)."""
+        return int(_full_shape(self.lm_head.weight)[1])
+
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Activation (gradient) checkpointing in the underlying model's layers; ``kwargs`` go to it."""
+        self.model.activation_checkpointing_enable(**kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -127,8 +127,15 @@ def tiny_composite_config(
         decoder_ffn_dim=2 * s["audio"],
         d_model=s["audio"],
         max_source_positions=TINY_AUDIO_SECONDS * 50,
+        # the decoder is never built; keep its token ids inside its (tiny) vocabulary
         max_target_positions=64,
         vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
     )
     text_cls = LlamaConfig if text_model == "llama" else Qwen2Config
     return CompositeSpeechLMConfig(

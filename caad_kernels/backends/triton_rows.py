@@ -447,7 +447,7 @@ def launch_config(vocab: int, device: torch.device, block_v: int | None = None) 
     """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` columns on ``device``.
 
     On CUDA: tiles of up to 4096 columns, 4 warps up to 1024 columns, 8 up to 2048, 16 above
-    (16 fp32 values per thread and tensor). Under the interpreter: at most 128 columns.
+    (8 values per thread and tensor). Under the interpreter: at most 128 columns.
     """
     if block_v is not None:
         if block_v < 1 or block_v & (block_v - 1):
@@ -485,7 +485,9 @@ def _common_args(
             f"student width {student.width} and teacher width {teacher.width} do not fit the vocabulary "
             f"size {params.vocab_size}"
         )
-    has_negative = params.has_negative and negative is not None
+    if params.has_negative and negative is None:
+        raise ValueError("params.has_negative is True but no negative logits were given")
+    has_negative = params.has_negative
     neg = negative if has_negative else teacher
     beta = params.beta
     divergence = params.divergence

@@ -1,0 +1,120 @@
+"""The offline, deterministic pseudo-GT generator: a natural answer sentence from the metadata.
+
+The answer states the label first (in words the Dynamic-SUPERB-style scorer matches: the label as a
+whole word sequence), then describes the other attributes of the recording, e.g.
+``The speaker is female. She talks at a slow pace with a high pitch.``
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any
+
+from caad.data.manifest import ManifestRow
+
+__all__ = ["contains_label", "normalize_text", "template_answer"]
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}“”‘’]")
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation replaced by spaces, whitespace collapsed."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def contains_label(text: str, label: str) -> bool:
+    """Whether the label's normalised word sequence occurs contiguously in the normalised text."""
+    words, label_words = normalize_text(text).split(), normalize_text(label).split()
+    if not label_words:
+        return False
+    n = len(label_words)
+    return any(words[i : i + n] == label_words for i in range(len(words) - n + 1))
+
+
+def _first(metadata: dict[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = metadata.get(key)
+        if value is not None and not isinstance(value, (dict, list)) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def _describe(metadata: dict[str, Any], skip: set[str]) -> list[str]:
+    """Phrases for a voice description: ``["a female voice", "at a slow pace", "with a high pitch"]``."""
+    gender = _first(metadata, "gender", "sex")
+    rate = _first(metadata, "rate", "speaking_rate", "speed")
+    pitch = _first(metadata, "pitch", "pitch_level")
+    phrases = []
+    if gender and "gender" not in skip:
+        phrases.append(f"a {gender.lower()} voice")
+    if rate and "rate" not in skip:
+        phrases.append(f"at a {rate} pace")
+    if pitch and "pitch" not in skip:
+        phrases.append(f"with a {pitch} pitch")
+    return phrases
+
+
+def _voice_sentence(opening: str, phrases: list[str]) -> str:
+    """``"It is a male voice talking at a fast pace."`` from ``["a male voice", "at a fast pace"]``."""
+    if phrases[0].endswith("voice"):
+        rest = f" talking {' '.join(phrases[1:])}" if phrases[1:] else ""
+        return f"{opening} {phrases[0]}{rest}."
+    return f"The speaker talks {' '.join(phrases)}."
+
+
+def template_answer(row: ManifestRow) -> str:
+    """The template pseudo-GT of one row (pure function of its task, label and metadata).
+
+    Known tasks (those of the built-in corpus) get task-specific sentences; any other task gets
+    ``"The answer is <label>."`` plus a description of whatever it finds among the usual metadata
+    keys (gender, rate, pitch, emotion, environment, transcript). Raises ``ValueError`` naming the
+    row when there is neither a label nor usable metadata.
+    """
+    metadata = row.metadata or {}
+    label = row.label.strip() if row.label else None
+    gender = _first(metadata, "gender", "sex")
+    pronoun = {"female": "She", "male": "He"}.get((gender or "").lower(), "The speaker")
+    transcript = _first(metadata, "transcript", "text")
+    emotion = _first(metadata, "emotion")
+    environment = _first(metadata, "environment", "background", "noise")
+
+    sentences: list[str] = []
+    task = row.task
+    if task == "speaker_gender" and label:
+        sentences.append(f"The speaker is {label}.")
+        rest = _describe(metadata, {"gender"})
+        if rest:
+            sentences.append(f"{pronoun} talks {' '.join(rest)}.")
+    elif task == "speaking_rate" and label:
+        sentences.append(f"The speaker talks at a {label} pace.")
+        rest = _describe(metadata, {"rate"})
+        if rest:
+            sentences.append(f"It is {' '.join(rest)}.")
+    elif task == "pitch_level" and label:
+        sentences.append(f"The speaker's pitch is {label}.")
+        rest = _describe(metadata, {"pitch"})
+        if rest:
+            sentences.append(_voice_sentence("It is", rest))
+    elif task == "spoken_content" and label:
+        sentences.append(f'The speaker said "{label}".')
+        if transcript:
+            sentences.append(f'{pronoun} says: "{transcript}"')
+    else:
+        if label:
+            sentences.append(f"The answer is {label}.")
+        description = _describe(metadata, set())
+        if description:
+            sentences.append(_voice_sentence("The recording has", description))
+        if transcript:
+            sentences.append(f'{pronoun} says: "{transcript}"')
+    if emotion and task != "emotion":
+        sentences.append(f"The speaker sounds {emotion}.")
+    if environment:
+        sentences.append(f"The background is {environment}.")
+    if not sentences:
+        raise ValueError(
+            f"row {row.id!r}: cannot build a pseudo-GT, it has no label and no usable metadata "
+            "(gender, rate, pitch, transcript, emotion, environment)"
+        )
+    return " ".join(sentences)

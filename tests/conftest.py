@@ -1,0 +1,29 @@
+"""Shared pytest fixtures.
+
+``tiny_corpus``: a 24-example built-in speech corpus (seed 0), synthesised once per test session;
+every voice x rate x pitch combination appears once. Returns a :class:`caad.data.CorpusPaths`
+(``.root``, ``.train``, ``.validation``, ``.test``, ``.manifests``). Treat it as read-only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_CORPUS_SIZE = 24
+TINY_CORPUS_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory):
+    from caad.data import synthesize_corpus
+
+    root = tmp_path_factory.mktemp("tiny_corpus") / "corpus"
+    return synthesize_corpus(root, num_examples=TINY_CORPUS_SIZE, seed=TINY_CORPUS_SEED, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_rows(tiny_corpus):
+    """All rows of ``tiny_corpus`` (train, validation, test), as :class:`caad.data.ManifestRow`."""
+    from caad.data import read_manifest
+
+    return [row for manifest in tiny_corpus.manifests.values() for row in read_manifest(manifest)]
