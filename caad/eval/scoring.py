@@ -23,7 +23,7 @@ whose contradicting-hint answer contains it (and not the label).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
