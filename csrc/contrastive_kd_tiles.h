@@ -140,12 +140,18 @@ static void teacher_tile(const RowJob& job, int64_t row, int64_t c0, int64_t n, 
     load_tile(job.zneg.at(row, c0), job.zneg.dt, n, scratch);
     const float c_pos = 1.0f + job.alpha, c_neg = job.alpha;
     const float ninf = -INFINITY;
+    if (job.cutoff) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const float zp = a[j];
-      float v = zp == ninf ? ninf : c_pos * zp - c_neg * scratch[j];
-      if (job.cutoff) v = zp < zthr ? ninf : v;
-      a[j] = v * inv_t;
+      for (int64_t j = 0; j < n; ++j) {
+        const float zp = a[j];
+        a[j] = zp < zthr || zp == ninf ? ninf : (c_pos * zp - c_neg * scratch[j]) * inv_t;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float zp = a[j];
+        a[j] = zp == ninf ? ninf : (c_pos * zp - c_neg * scratch[j]) * inv_t;
+      }
     }
   } else if (job.cutoff) {
 #pragma omp simd

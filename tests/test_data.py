@@ -185,7 +185,9 @@ def test_refuses_to_overwrite_and_replaces_cleanly(tmp_path):
     replaced = synthesize_corpus(out, num_examples=3, seed=1, progress=False, overwrite=True)
     assert replaced.root == out and _tree_bytes(out) != before
     assert not any(p.name.startswith(".corpus") for p in tmp_path.iterdir())  # no staging/old folders left
-    assert {p.name for p in (out / "audio" / "train").iterdir()} == {f"{r.id}.wav" for r in read_manifest(out / "train.jsonl")}
+    assert {p.name for p in (out / "audio" / "train").iterdir()} == {
+        f"{r.id}.wav" for r in read_manifest(out / "train.jsonl")
+    }
 
     # a folder that is not a corpus, or a corpus holding the user's own files, is never deleted
     mine = tmp_path / "mine"
@@ -289,8 +291,16 @@ def test_manifest_roundtrip_paths_and_extra_keys(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     rows = [
-        ManifestRow(id="x1", audio="audio/x1.wav", sampling_rate=16000, instruction="Q", task="t",
-                    metadata={"gender": "male"}, label="male", extra={"custom": [1, 2]}),  # fmt: skip
+        ManifestRow(
+            id="x1",
+            audio="audio/x1.wav",
+            sampling_rate=16000,
+            instruction="Q",
+            task="t",
+            metadata={"gender": "male"},
+            label="male",
+            extra={"custom": [1, 2]},
+        ),
         GOOD | {"id": "x2", "hint_neutral": "n", "metadata": {"nested": {"k": 1}}},
     ]
     path = write_manifest(corpus / "m.jsonl", rows)

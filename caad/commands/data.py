@@ -38,12 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=(0.8, 0.1, 0.1),
         help="train,validation,test fractions (default 0.8,0.1,0.1)",
     )
-    synth.add_argument(
-        "--sampling-rate", type=int, default=16000, help="rate of the WAV files (default 16000)"
-    )
-    synth.add_argument(
-        "--workers", type=int, default=None, help="utterances rendered at once (default: up to 2)"
-    )
+    synth.add_argument("--sampling-rate", type=int, default=16000, help="rate of the WAV files (default 16000)")
+    synth.add_argument("--workers", type=int, default=None, help="utterances rendered at once (default: up to 2)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=_run_synth)

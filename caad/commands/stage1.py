@@ -26,13 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default=None, help="--generator lm: folder of a local HF causal LM")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per LM batch (default 8)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=64, help="--generator lm: answer length (default 64)"
-    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="--generator lm: answer length (default 64)")
     parser.add_argument("--device", default="cpu", help="--generator lm: torch device (default cpu)")
-    parser.add_argument(
-        "--no-resume", action="store_true", help="fail if --out exists instead of continuing it"
-    )
+    parser.add_argument("--no-resume", action="store_true", help="fail if --out exists instead of continuing it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out from scratch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)

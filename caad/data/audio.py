@@ -89,9 +89,7 @@ def torchaudio_available() -> bool:
         import torchaudio
     except Exception:  # noqa: BLE001 - a mismatched build can raise anything at import
         return False
-    return (
-        torchaudio.__version__.split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
-    )
+    return torchaudio.__version__.split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
 
 
 def _kaiser(x: np.ndarray, beta: float) -> np.ndarray:
@@ -99,9 +97,7 @@ def _kaiser(x: np.ndarray, beta: float) -> np.ndarray:
     return np.i0(beta * np.sqrt(inside)) / np.i0(beta)
 
 
-def _sinc_weights(
-    frac: np.ndarray, taps: np.ndarray, cutoff: float, half_width: int, beta: float
-) -> np.ndarray:
+def _sinc_weights(frac: np.ndarray, taps: np.ndarray, cutoff: float, half_width: int, beta: float) -> np.ndarray:
     # distance (in input samples) from the output position to each contributing input sample
     t = frac[:, None] - taps[None, :]
     return cutoff * np.sinc(cutoff * t) * _kaiser(t / half_width, beta)
@@ -163,9 +159,7 @@ def resample(
     half_width = int(math.ceil(zero_crossings / cutoff))
     taps = np.arange(-half_width + 1, half_width + 1)  # input offsets relative to floor(position)
     n_out = -(-x.size * up // down)
-    padded = np.concatenate(
-        [np.zeros(half_width, np.float64), x.astype(np.float64), np.zeros(half_width + 1)]
-    )
+    padded = np.concatenate([np.zeros(half_width, np.float64), x.astype(np.float64), np.zeros(half_width + 1)])
     out = np.empty(n_out, dtype=np.float64)
     # Output n reads padded[base(n) + 1 : base(n) + 1 + 2W] with base(n) = floor(n * down / up).
     if up <= 4096:
@@ -246,9 +240,7 @@ def log_mel_features(
         if array.ndim != 1 or array.size == 0:
             raise AudioError(f"waveforms[{index}] must be a non-empty 1-D array, got shape {array.shape}")
         checked.append(array)
-    extractor = whisper_feature_extractor(
-        n_mels=n_mels, sampling_rate=sampling_rate, chunk_length=chunk_length
-    )
+    extractor = whisper_feature_extractor(n_mels=n_mels, sampling_rate=sampling_rate, chunk_length=chunk_length)
     kwargs: dict[str, Any] = {"padding": padding, "return_attention_mask": True, "return_tensors": "np"}
     if padding == "max_length":
         kwargs["max_length"] = extractor.n_samples

@@ -124,7 +124,13 @@ def _make_data_overlay() -> Path:
         ) from error
     source = Path(espeakng_loader.get_data_path())
     root = Path(tempfile.mkdtemp(prefix="caad-espeak-"))
-    atexit.register(shutil.rmtree, root, True)
+    owner = os.getpid()
+
+    def _cleanup() -> None:  # only in the process that made it, not in a forked child that exits normally
+        if os.getpid() == owner:
+            shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(_cleanup)
     data = root / "espeak-ng-data"
     data.mkdir()
     for entry in source.iterdir():
@@ -200,9 +206,7 @@ class _Engine:
         self.lib.espeak_SetParameter(_PARAM_RATE, int(rate_wpm), 0)
         self.lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
         encoded = text.encode("utf-8") + b"\0"
-        status = self.lib.espeak_Synth(
-            encoded, len(encoded), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None
-        )
+        status = self.lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None)
         if status != 0:
             raise EspeakError(f"espeak_Synth failed with error {status} for text {text[:60]!r}")
         self.lib.espeak_Synchronize()
@@ -224,9 +228,7 @@ def _check_request(text: str, voice: str, rate_wpm: int, pitch: int) -> tuple[st
     if isinstance(rate_wpm, bool) or not isinstance(rate_wpm, (int, np.integer)):
         raise ValueError(f"rate_wpm must be an int (words per minute), got {rate_wpm!r}")
     if not ESPEAK_MIN_RATE_WPM <= rate_wpm <= ESPEAK_MAX_RATE_WPM:
-        raise ValueError(
-            f"rate_wpm must be in [{ESPEAK_MIN_RATE_WPM}, {ESPEAK_MAX_RATE_WPM}], got {rate_wpm}"
-        )
+        raise ValueError(f"rate_wpm must be in [{ESPEAK_MIN_RATE_WPM}, {ESPEAK_MAX_RATE_WPM}], got {rate_wpm}")
     if isinstance(pitch, bool) or not isinstance(pitch, (int, np.integer)) or not 0 <= pitch <= 100:
         raise ValueError(f"pitch must be an int in [0, 100], got {pitch!r}")
     return text, espeak_voice, int(rate_wpm), int(pitch)

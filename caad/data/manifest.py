@@ -167,16 +167,12 @@ class ManifestRow:
             raise ManifestError("missing (required)", path, line, "sampling_rate")
         rate = obj["sampling_rate"]
         if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
-            raise ManifestError(
-                f"expected a positive integer (Hz), got {rate!r}", path, line, "sampling_rate"
-            )
+            raise ManifestError(f"expected a positive integer (Hz), got {rate!r}", path, line, "sampling_rate")
         metadata = obj.get("metadata", {})
         if metadata is None:
             metadata = {}
         if not isinstance(metadata, dict):
-            raise ManifestError(
-                f"expected a JSON object, got {type(metadata).__name__}", path, line, "metadata"
-            )
+            raise ManifestError(f"expected a JSON object, got {type(metadata).__name__}", path, line, "metadata")
         optional: dict[str, str | None] = {}
         for name in _OPTIONAL_STR:
             value = obj.get(name)
@@ -233,9 +229,7 @@ def read_manifest(path: str | os.PathLike[str], allow_partial_last_line: bool = 
         except json.JSONDecodeError as error:
             if allow_partial_last_line and number == len(lines) and not line.endswith("\n"):
                 break
-            raise ManifestError(
-                f"invalid JSON ({error.msg} at column {error.colno})", path, number
-            ) from error
+            raise ManifestError(f"invalid JSON ({error.msg} at column {error.colno})", path, number) from error
         row = ManifestRow.from_dict(obj, path, number, base_dir)
         if row.id in seen:
             raise ManifestError(f"duplicate id {row.id!r} (first on line {seen[row.id]})", path, number, "id")

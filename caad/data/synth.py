@@ -70,9 +70,7 @@ class CorpusPaths:
 def split_counts(num_examples: int, splits: Sequence[float]) -> list[int]:
     """Examples per split: fractions rounded (largest remainders), every non-zero split >= 1."""
     if len(splits) != len(SPLIT_NAMES):
-        raise ValueError(
-            f"splits must give {len(SPLIT_NAMES)} fractions (train, validation, test), got {splits!r}"
-        )
+        raise ValueError(f"splits must give {len(SPLIT_NAMES)} fractions (train, validation, test), got {splits!r}")
     fractions = [float(value) for value in splits]
     if any(value < 0 for value in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"splits must be non-negative fractions summing to 1, got {tuple(splits)!r}")
@@ -101,8 +99,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(
-            f"{out_dir} already exists and is not empty; "
-            "pass overwrite=True (--overwrite) to replace the corpus in it"
+            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace the corpus in it"
         )
     if not (out_dir / CORPUS_INFO_NAME).is_file():
         raise FileExistsError(
@@ -150,7 +147,8 @@ def _row(
     write_wav(audio_root / relative, waveform, sampling_rate)
     metadata = spec.metadata()
     metadata["duration_s"] = round(waveform.size / sampling_rate, 3)
-    metadata["f0_hz"] = round(estimate_f0(waveform, sampling_rate), 1)
+    f0 = estimate_f0(waveform, sampling_rate)
+    metadata["f0_hz"] = None if np.isnan(f0) else round(f0, 1)
     metadata["num_words"] = len(spec.text.split())
     return ManifestRow(
         id=example_id,

@@ -160,12 +160,8 @@ def _sentence(rng: random.Random) -> tuple[str, str]:
 def _contradicting(task: str, spec: dict[str, Any], rng: random.Random) -> tuple[str, str]:
     if task == "speaker_gender":
         if spec["gender"] == "female":
-            return rng.choice(
-                ("The speaker is a man.", "This sentence was recorded by a male speaker.")
-            ), "male"
-        return rng.choice(
-            ("The speaker is a woman.", "This sentence was recorded by a female speaker.")
-        ), "female"
+            return rng.choice(("The speaker is a man.", "This sentence was recorded by a male speaker.")), "male"
+        return rng.choice(("The speaker is a woman.", "This sentence was recorded by a female speaker.")), "female"
     if task == "speaking_rate":
         wrong = {"slow": "fast", "fast": "slow"}.get(spec["rate"]) or rng.choice(("slow", "fast"))
         text = "The speaker talks very slowly." if wrong == "slow" else "The speaker talks very fast."
@@ -214,9 +210,7 @@ def make_specs(num_examples: int, seed: int) -> list[ExampleSpec]:
         if task == "spoken_content":
             a, b = (keyword, distractor) if rng.random() < 0.5 else (distractor, keyword)
             instruction = instruction.format(a=a, b=b)
-        label = {"speaker_gender": fields["gender"], "speaking_rate": rate, "pitch_level": pitch}.get(
-            task, keyword
-        )
+        label = {"speaker_gender": fields["gender"], "speaking_rate": rate, "pitch_level": pitch}.get(task, keyword)
         hint, hint_label = _contradicting(task, fields, rng)
         specs.append(
             ExampleSpec(

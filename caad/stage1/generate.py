@@ -54,11 +54,7 @@ def _existing_output(output: Path, rows: list[ManifestRow], tag: str) -> set[str
             raise FileExistsError(
                 f"{output} exists but is not a partial Stage 1 output of this input with generator {tag!r} "
                 f"(row {row.id!r}: "
-                + (
-                    "not in the input"
-                    if row.id not in input_ids
-                    else f"generator {row.pseudo_gt_generator!r}"
-                )
+                + ("not in the input" if row.id not in input_ids else f"generator {row.pseudo_gt_generator!r}")
                 + "); refusing to append to it. Pass overwrite=True (--overwrite) to replace it, "
                 "or choose another output"
             )
@@ -139,11 +135,7 @@ def generate_pseudo_gt(
     # written, and the lm generator falls back on them.
     templates = {row.id: template_answer(row) for row in todo}
 
-    lm = (
-        LMGenerator(model_path, max_new_tokens=max_new_tokens, device=device)
-        if generator == "lm" and todo
-        else None
-    )
+    lm = LMGenerator(model_path, max_new_tokens=max_new_tokens, device=device) if generator == "lm" and todo else None
     fallback_empty = fallback_no_label = 0
     with (
         ManifestWriter(output, mode=mode) as writer,

@@ -66,9 +66,7 @@ def postprocess(text: str, max_chars: int = 400) -> str:
 class LMGenerator:
     """Batched greedy decoding with a local causal LM (left padding)."""
 
-    def __init__(
-        self, model_path: str | os.PathLike[str], max_new_tokens: int = 64, device: str = "cpu"
-    ) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], max_new_tokens: int = 64, device: str = "cpu") -> None:
         path = Path(model_path)
         if not path.exists():
             raise FileNotFoundError(f"language model folder not found: {path}")
@@ -120,9 +118,7 @@ class LMGenerator:
             list(texts), return_tensors="pt", padding=True, add_special_tokens=bool(add_special[0])
         )
         encoded = {
-            key: value.to(self.device)
-            for key, value in encoded.items()
-            if key in ("input_ids", "attention_mask")
+            key: value.to(self.device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")
         }
         config: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
