@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
+from caad.data import audio as data_audio
 from caad.models.tokenizer import DEFAULT_SPECIAL_TOKENS, build_prompt
 
 IGNORE_INDEX = -100
@@ -240,14 +241,12 @@ def whisper_feature_extractor(num_mel_bins: int, window_frames: int) -> WhisperF
         raise ValueError(
             f"the audio window must be a whole number of seconds, got {window_frames} mel frames"
         )
-    return WhisperFeatureExtractor(
-        feature_size=num_mel_bins,
+    return data_audio.whisper_feature_extractor(
+        n_mels=num_mel_bins,
         sampling_rate=SAMPLING_RATE,
         hop_length=HOP_LENGTH,
         chunk_length=window_frames // (SAMPLING_RATE // HOP_LENGTH),
         n_fft=N_FFT,
-        padding_value=0.0,
-        return_attention_mask=True,
     )
 
 
