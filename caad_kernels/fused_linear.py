@@ -179,13 +179,17 @@ def _chunk_loop(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, params, backend, chun
                 z_pos, z_neg = both[: stop - start], both[stop - start :]
         chunk_labels = None if labels is None else labels[start:stop]
         s_rows, t_rows, n_rows = as_row_views(logits, z_pos, z_neg)
-        kd_c, ce_c, stats = backend.forward_rows(s_rows, t_rows, n_rows, chunk_labels, params)
-        kd[start:stop], ce[start:stop] = kd_c, ce_c
         if not with_grad:
+            kd[start:stop], ce[start:stop], _ = backend.forward_rows(s_rows, t_rows, n_rows, chunk_labels, params)
             continue
         # the gradient overwrites the student logits of this chunk: they are not needed afterwards
-        backend.backward_rows(s_rows, t_rows, n_rows, chunk_labels, stats, coef_kd[start:stop],
-                              coef_ce[start:stop], params, logits)
+        coefs = (coef_kd[start:stop], coef_ce[start:stop])
+        if hasattr(backend, "loss_and_grad_rows"):  # one launch, each chunk read once
+            kd_c, ce_c, _ = backend.loss_and_grad_rows(s_rows, t_rows, n_rows, chunk_labels, *coefs, params, logits)
+        else:
+            kd_c, ce_c, stats = backend.forward_rows(s_rows, t_rows, n_rows, chunk_labels, params)
+            backend.backward_rows(s_rows, t_rows, n_rows, chunk_labels, stats, *coefs, params, logits)
+        kd[start:stop], ce[start:stop] = kd_c, ce_c
         grad_logits = logits
         if grad_h is not None:
             torch.mm(grad_logits, w_s, out=grad_h[start:stop])

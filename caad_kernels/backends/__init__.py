@@ -5,7 +5,8 @@ fused-linear op (which calls them on one chunk of freshly computed logits at a t
 
 ``forward_rows(student, teacher, negative, labels, params) -> (kd, ce, stats)``
     ``student``/``teacher``/``negative`` are :class:`caad_kernels.rows.RowView` (``negative`` may be
-    ``None``); all have the same ``B`` and ``T``; the teacher's width may exceed the student's
+    ``None``), folded together by :func:`caad_kernels.rows.as_row_views` so that they share ``B``
+    and ``T``; the teacher's width may exceed the student's
     (only the first ``params.vocab_size`` columns are read). ``labels`` is a contiguous int64
     ``[rows]`` tensor, or ``None`` when ``params.has_labels`` is False. Returns float32 ``[rows]``
     tensors ``kd`` (the raw divergence: no ``tau**2``, no weight) and ``ce`` (at temperature 1),
@@ -30,6 +31,10 @@ fused-linear op (which calls them on one chunk of freshly computed logits at a t
     rows. Closed forms (DESIGN.md section 2), per row, with ``p``, ``q`` at temperature ``tau``:
     forward ``(q - p) / tau``; reverse ``q (log q - log p - KL(q||p)) / tau``; mixture
     ``(1 - beta) q (log(q/m) - KL(q||m)) / tau``; CE ``softmax(s) - onehot(y)``.
+
+``loss_and_grad_rows(student, teacher, negative, labels, coef_kd, coef_ce, params, grad)`` (optional)
+    Both in one pass for callers that know the coefficients in advance (the fused-linear op);
+    returns what ``forward_rows`` returns.
 
 Conventions every backend honours: a token with ``z_pos = -inf`` has ``z_hat = -inf``; the
 cutoff keeps ``v`` iff ``z_pos_v >= zmax + log(plausibility)``; terms with ``p = 0`` (or ``q = 0``)
