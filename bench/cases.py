@@ -77,6 +77,13 @@ class Shape:
         hidden = str(self.h_s) if self.h_s == self.h_t else f"{self.h_s}/{self.h_t}"
         return f"N={self.n} H={hidden} V={self.v}"
 
+    def slug(self) -> str:
+        """The shape in test ids, usable with ``pytest -k``: ``N8192_V128256``, ``N8192_H2048x4096_V128256``."""
+        if self.op == "logits":
+            return f"N{self.n}_V{self.v}"
+        hidden = str(self.h_s) if self.h_s == self.h_t else f"{self.h_s}x{self.h_t}"
+        return f"N{self.n}_H{hidden}_V{self.v}"
+
     def as_dict(self) -> dict[str, object]:
         return dict(N=self.n, V=self.v, H_s=self.h_s, H_t=self.h_t, label=self.label, sweeps=list(self.sweeps))
 

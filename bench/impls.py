@@ -143,7 +143,7 @@ def _compile_skip(op: str, shape: Shape, device: torch.device) -> str | None:
 
 
 def ours(backend: str) -> Impl:
-    return Impl(f"caad-{backend}", "ours", ("logits", "fused"), ("caad", "kd"), _ours_skip(backend),
+    return Impl(f"ours-{backend}", "ours", ("logits", "fused"), ("caad", "kd"), _ours_skip(backend),
                 _ours_build(backend))
 
 

@@ -39,6 +39,8 @@ constexpr int64_t kIgnored = -2;              // row label marker: ignore_index 
 
 enum class DType : int { kF32, kBF16, kF16 };
 enum class Divergence : int { kForward, kReverse, kMixture };
+// How the temperature-1 student sum is obtained from exp(b): tau = 1, tau = 2, or a third exp.
+enum class TempMode : int { kUnit, kHalf, kGeneral };
 
 inline size_t dtype_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }
 

@@ -187,8 +187,9 @@ static float zmax_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1) {
 
 // Sums of one tile relative to the tile's own maxima (ma of a, ms of s). For forward KL
 // w = sum e_a ((a - ma) - (b - mb)); for reverse KL w = sum e_b ((b - mb) - (a - ma)); with
-// mb = ms / tau. Terms with zero weight are skipped by a select (never 0 * inf).
-template <Divergence Div, bool kUnitTemperature>
+// mb = ms / tau. Terms with zero weight are skipped by a select (never 0 * inf). The student's
+// sum at temperature 1 reuses exp(b) when tau is 1 (equal) or 2 (exp(s - ms) = exp(b - mb)^2).
+template <Divergence Div, TempMode Mode>
 static Partial tile_sums(const float* __restrict a, const float* __restrict s, int64_t n, float inv_t) {
   Partial t;
   t.ma = tile_max(a, n);
@@ -199,12 +200,12 @@ static Partial tile_sums(const float* __restrict a, const float* __restrict s, i
   for (int64_t j = 0; j < n; ++j) {
     const float da = a[j] - ma;
     const float ds = s[j] - ms;
-    const float db = kUnitTemperature ? ds : ds * inv_t;
+    const float db = Mode == TempMode::kUnit ? ds : (Mode == TempMode::kHalf ? ds * 0.5f : ds * inv_t);
     const float ea = vexp(da);
     const float eb = vexp(db);
     sa += ea;
     sb += eb;
-    ss += kUnitTemperature ? eb : vexp(ds);
+    ss += Mode == TempMode::kUnit ? eb : (Mode == TempMode::kHalf ? eb * eb : vexp(ds));
     if constexpr (Div == Divergence::kForward) w += ea > 0.f ? ea * (da - db) : 0.f;
     if constexpr (Div == Divergence::kReverse) w += eb > 0.f ? eb * (db - da) : 0.f;
   }
@@ -215,6 +216,13 @@ static Partial tile_sums(const float* __restrict a, const float* __restrict s, i
   return t;
 }
 
+template <Divergence Div>
+static Partial tile_sums_any(const float* __restrict a, const float* __restrict s, int64_t n, float inv_t) {
+  if (inv_t == 1.0f) return tile_sums<Div, TempMode::kUnit>(a, s, n, inv_t);
+  if (inv_t == 0.5f) return tile_sums<Div, TempMode::kHalf>(a, s, n, inv_t);
+  return tile_sums<Div, TempMode::kGeneral>(a, s, n, inv_t);
+}
+
 // One sweep over columns [c0, c1) of `row`: the online softmax state of a, b and s, and the
 // divergence accumulator (forward and reverse KL). `zthr` is the cutoff threshold on z_pos.
 static Partial main_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1, float zthr) {
@@ -222,7 +230,7 @@ static Partial main_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
   alignas(64) float sbuf[kTile];
   alignas(64) float scratch[kTile];
   Partial acc;
-  const bool unit_t = job.inv_temperature == 1.0f;
+  const float inv_t = job.inv_temperature;
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = c1 - j0 < kTile ? c1 - j0 : kTile;
     load_tile(job.student.at(row, j0), job.student.dt, n, sbuf);
@@ -230,19 +238,16 @@ static Partial main_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
     Partial t;
     switch (job.divergence) {
       case Divergence::kForward:
-        t = unit_t ? tile_sums<Divergence::kForward, true>(abuf, sbuf, n, 1.f)
-                   : tile_sums<Divergence::kForward, false>(abuf, sbuf, n, job.inv_temperature);
+        t = tile_sums_any<Divergence::kForward>(abuf, sbuf, n, inv_t);
         break;
       case Divergence::kReverse:
-        t = unit_t ? tile_sums<Divergence::kReverse, true>(abuf, sbuf, n, 1.f)
-                   : tile_sums<Divergence::kReverse, false>(abuf, sbuf, n, job.inv_temperature);
+        t = tile_sums_any<Divergence::kReverse>(abuf, sbuf, n, inv_t);
         break;
       default:
-        t = unit_t ? tile_sums<Divergence::kMixture, true>(abuf, sbuf, n, 1.f)
-                   : tile_sums<Divergence::kMixture, false>(abuf, sbuf, n, job.inv_temperature);
+        t = tile_sums_any<Divergence::kMixture>(abuf, sbuf, n, inv_t);
         break;
     }
-    merge_partial(acc, t, job.inv_temperature, job.divergence);
+    merge_partial(acc, t, inv_t, job.divergence);
   }
   return acc;
 }
@@ -302,6 +307,7 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
   const float lbeta = job.log_beta, l1mbeta = job.log_one_minus_beta;
   const float k_mix = k * (1.0f - job.beta);
   const float cce = st.coef_ce;
+  const bool ce_from_q = cce != 0.f && (inv_t == 1.0f || inv_t == 0.5f);
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = c1 - j0 < kTile ? c1 - j0 : kTile;
     load_tile(job.student.at(row, j0), job.student.dt, n, sbuf);
@@ -309,8 +315,19 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
       teacher_tile(job, row, j0, n, st.zthr, abuf, gbuf);  // gbuf doubles as scratch here
       switch (job.divergence) {
         case Divergence::kForward:
+          if (ce_from_q) {
+            // softmax(s) = exp(s - lse_s) = q^2 exp(2 lse_b - lse_s) at tau = 2 (q itself at tau = 1)
+            const float c = inv_t == 1.0f ? cce : cce * std::exp(2.0f * lse_b - lse_s);
+            const bool square = inv_t != 1.0f;
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) gbuf[j] = k * (vexp(sbuf[j] * inv_t - lse_b) - vexp(abuf[j] - lse_a));
+            for (int64_t j = 0; j < n; ++j) {
+              const float q = vexp(sbuf[j] * inv_t - lse_b);
+              gbuf[j] = k * (q - vexp(abuf[j] - lse_a)) + c * (square ? q * q : q);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) gbuf[j] = k * (vexp(sbuf[j] * inv_t - lse_b) - vexp(abuf[j] - lse_a));
+          }
           break;
         case Divergence::kReverse:
 #pragma omp simd
@@ -330,7 +347,7 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
           }
           break;
       }
-      if (cce != 0.f) {
+      if (cce != 0.f && !(ce_from_q && job.divergence == Divergence::kForward)) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) gbuf[j] += cce * vexp(sbuf[j] - lse_s);
       }

@@ -24,7 +24,6 @@ from caad.eval import (
     contrastive_generate_ids,
     contrastive_logits,
     follows_hint,
-    generate_ids,
     hinted_instruction,
     is_correct,
     markdown_table,
@@ -33,6 +32,17 @@ from caad.eval import (
     score_records,
 )
 from caad.models import SpeechLM, tiny_student, tiny_teacher, train_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared machine OpenMP threads
+    that wait for each other make every forward many times slower: one thread in this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ---- normalisation and matching -------------------------------------------------------------------
 
@@ -274,24 +284,31 @@ def _append(batch, token: int):
 @torch.no_grad()
 def slow_contrastive_reference(
     model: SpeechLM, clip, instruction: str, alpha: float, negative_mode: str, plausibility: float
-) -> list[int]:
-    """One example, no padding, no KV cache: a full forward of each path for every new token."""
+) -> tuple[list[int], list[float]]:
+    """One example, no padding, no KV cache: a full forward of each path for every new token.
+
+    Returns the new token ids (``eos`` excluded) and, per step, the float64 margin between the best
+    and the second-best contrastive logit (a near-tie may legitimately go either way).
+    """
     positive = model.build_inputs([clip], [instruction])
     negative = model.negative_inputs(positive, [clip], [instruction], None, audio_mode=negative_mode)
     usable, eos = len(model.tokenizer), model.tokenizer.eos_token_id
-    out: list[int] = []
+    tokens: list[int] = []
+    margins: list[float] = []
     for _ in range(MAX_NEW):
         z_pos = model.logits(positive)[0, -1, :usable].double()
         z_neg = model.logits(negative)[0, -1, :usable].double()
         z_hat = (1 + alpha) * z_pos - alpha * z_neg
         if plausibility > 0:
             z_hat[z_pos < z_pos.max() + np.log(plausibility)] = -np.inf
+        top = z_hat.topk(2).values
+        margins.append(float(top[0] - top[1]))
         token = int(z_hat.argmax())
         if token == eos:
             break
-        out.append(token)
+        tokens.append(token)
         positive, negative = _append(positive, token), _append(negative, token)
-    return out
+    return tokens, margins
 
 
 @pytest.mark.parametrize("kind", ["composite", "qwen2_audio"])
@@ -311,9 +328,11 @@ def test_alpha_zero_equals_greedy(kind, models, clips):
 @pytest.mark.parametrize(
     ("kind", "mode", "alpha", "plausibility"),
     [
-        ("composite", "zero", 2.0, 0.0),
-        ("qwen2_audio", "zero", 1.5, 0.1),
-        ("qwen2_audio", "remove", 3.0, 0.0),
+        # (the tiny composite's audio moves its logits little: a large alpha makes zeroing matter)
+        ("composite", "zero", 30.0, 0.0),
+        ("composite", "remove", 5.0, 0.95),
+        ("qwen2_audio", "zero", 0.5, 0.0),
+        ("qwen2_audio", "remove", 5.0, 0.8),
     ],
 )
 def test_contrastive_matches_slow_reference(kind, mode, alpha, plausibility, models, clips):
@@ -327,21 +346,27 @@ def test_contrastive_matches_slow_reference(kind, mode, alpha, plausibility, mod
         plausibility=plausibility,
         max_new_tokens=MAX_NEW,
     )
-    slow = [
-        slow_contrastive_reference(model, clip, instruction, alpha, mode, plausibility)
-        for clip, instruction in zip(clips, INSTRUCTIONS)
-    ]
-    assert fast == slow
+    for row, (clip, instruction) in enumerate(zip(clips, INSTRUCTIONS)):
+        slow, margins = slow_contrastive_reference(model, clip, instruction, alpha, mode, plausibility)
+        if fast[row] == slow:
+            continue
+        # Only a near-tie (float32 cached vs float64 uncached) may make the two disagree.
+        step = next(i for i, (a, b) in enumerate(zip([*fast[row], -1], [*slow, -1])) if a != b)
+        assert margins[step] < 1e-3, (row, step, fast[row], slow)
 
 
-def test_contrastive_differs_from_greedy_somewhere(models, clips):
-    model = models["qwen2_audio"]
+@pytest.mark.parametrize(
+    ("kind", "mode", "alpha", "plausibility"), [("composite", "zero", 30.0, 0.0), ("qwen2_audio", "remove", 5.0, 0.8)]
+)
+def test_contrastive_and_cutoff_change_answers(kind, mode, alpha, plausibility, models, clips):
+    """The settings above are not vacuous: contrastive decoding and the cutoff change some answers."""
+    model = models[kind]
     greedy = model.generate_ids(clips, INSTRUCTIONS, max_new_tokens=MAX_NEW)
-    outputs = [
-        contrastive_generate_ids(model, clips, INSTRUCTIONS, alpha=a, max_new_tokens=MAX_NEW)
-        for a in (1.0, 4.0)
-    ]
-    assert any(ids != greedy for ids in outputs)
+    options = dict(alpha=alpha, negative_mode=mode, max_new_tokens=MAX_NEW)
+    plain = contrastive_generate_ids(model, clips, INSTRUCTIONS, **options)
+    assert plain != greedy
+    if plausibility:
+        assert contrastive_generate_ids(model, clips, INSTRUCTIONS, plausibility=plausibility, **options) != plain
 
 
 def test_generation_option_errors(models, clips):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ __all__ = [
     "gathered_lm_heads",
     "lr_lambda",
     "model_dtype",
+    "register_external_parameters",
     "save_student",
 ]
 
@@ -55,12 +57,12 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     """The learning-rate multiplier of optimizer step ``s`` (0-based): linear warm-up, then the schedule.
 
     Warm-up: ``warmup_steps`` (or ``warmup_ratio x total_steps``) steps rising linearly to 1 (step
-    ``s`` gets ``(s + 1) / (W + 1)``); then ``cosine`` or ``linear`` decay to ``min_lr_ratio`` at the
-    last step, or ``constant``.
+    ``s`` gets ``(s + 1) / (W + 1)``); then ``cosine`` or ``linear`` decay towards ``min_lr_ratio``
+    (reached just after the last step, so that no step is taken at the floor), or ``constant``.
     """
     warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
     floor = config.min_lr_ratio
-    decay_steps = max(1, total_steps - warmup - 1)
+    decay_steps = max(1, total_steps - warmup)
 
     def multiplier(step: int) -> float:
         if step < warmup:
@@ -76,8 +78,14 @@ def lr_lambda(config: TrainConfig, total_steps: int):
 
 
 def _load(path: str, dtype: torch.dtype | None, ds_config: dict[str, Any] | None) -> SpeechLM:
-    """Load a checkpoint; with a ZeRO-3 ``ds_config`` its weights are partitioned while loading."""
-    if ds_config is None:
+    """Load a checkpoint; with a ZeRO-3 ``ds_config`` its weights are partitioned while loading.
+
+    Partitioned loading (``zero.Init`` inside ``from_pretrained``) goes through transformers'
+    ``HfDeepSpeedConfig``, which needs the ``accelerate`` package; without it every rank first
+    loads the whole model and ``deepspeed.initialize`` partitions it afterwards (fine for models
+    that fit in each rank's host memory).
+    """
+    if ds_config is None or importlib.util.find_spec("accelerate") is None:
         return load_speech_lm(path, dtype=dtype)
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -86,6 +94,25 @@ def _load(path: str, dtype: torch.dtype | None, ds_config: dict[str, Any] | None
         return load_speech_lm(path, dtype=dtype)
     finally:
         del keep_alive
+
+
+def register_external_parameters(model: torch.nn.Module) -> int:
+    """Tell ZeRO-3 about weights that a module reads from a child without calling the child.
+
+    ZeRO-3 gathers a module's parameters when that module's ``forward`` runs. Qwen2-Audio's
+    encoder reads ``self.embed_positions.weight`` directly (the ``nn.Embedding`` is never called), so
+    under ZeRO-3 it would see an empty partition; registering the weight as an external parameter of
+    the parent gathers it with the parent. Returns how many weights were registered.
+    """
+    import deepspeed
+
+    count = 0
+    for module in model.modules():
+        child = getattr(module, "embed_positions", None)
+        if isinstance(child, torch.nn.Embedding):
+            deepspeed.zero.register_external_parameter(module, child.weight)
+            count += 1
+    return count
 
 
 def build_student_engine(config: TrainConfig, total_steps: int) -> tuple[Any, torch.optim.Optimizer, Any]:
@@ -99,6 +126,8 @@ def build_student_engine(config: TrainConfig, total_steps: int) -> tuple[Any, to
     ds_config = deepspeed_config(config)
     student = _load(config.student, None, ds_config if config.zero_stage == 3 else None)
     student.train()
+    if config.zero_stage == 3:
+        register_external_parameters(student)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -135,6 +164,7 @@ def build_teacher(config: TrainConfig, device: torch.device) -> SpeechLM | None:
     ds_config = deepspeed_config(config, zero_stage=3, train=False)
     teacher = _load(config.teacher, dtype, ds_config)
     teacher.requires_grad_(False)
+    register_external_parameters(teacher)
     engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
     return engine.module

@@ -168,7 +168,7 @@ class Stage2Trainer:
 
         # 5. final checkpoint, the student, the plot
         if start_step < total_steps:
-            self._save_checkpoint(total_steps)
+            self._save_checkpoint(total_steps, with_student=False)  # the student goes to final/
         final = self.output_dir / FINAL
         save_student(self.engine, final, is_main=self.dist.is_main)
         plot = None
@@ -336,14 +336,15 @@ class Stage2Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, with_student: bool = True) -> None:
         """DeepSpeed checkpoint (to resume from) + the student in save_pretrained form, at ``step``."""
         tag = _tag(step)
         client_state = {"caad_step": step}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state)
         tag_dir = self.checkpoint_dir / tag
         torch.save(_rng_state(), tag_dir / f"rng_state_rank{self.dist.rank}.pt")
-        save_student(self.engine, tag_dir / "student", is_main=self.dist.is_main)
+        if with_student:
+            save_student(self.engine, tag_dir / "student", is_main=self.dist.is_main)
         barrier()
         if self.dist.is_main and self.config.keep_checkpoints:
             tags = sorted(p for p in self.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
