@@ -72,10 +72,8 @@ def validate_logits_inputs(
     else:
         check_labels(labels, lead, student_logits.device)
     if opts.check_finite:
-        check_no_nan(student_name, student_logits)
-        check_no_nan(teacher_name, teacher_logits[..., :vocab])
-        if teacher_negative_logits is not None:
-            check_no_nan(negative_name, teacher_negative_logits[..., :vocab])
+        negative = None if teacher_negative_logits is None else teacher_negative_logits[..., :vocab]
+        check_no_nan({student_name: student_logits, teacher_name: teacher_logits[..., :vocab], negative_name: negative})
         if labels is not None:
             check_label_range(labels, vocab, opts.ignore_index)
 

@@ -265,10 +265,8 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, te
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, student_weight.dtype):
         raise TypeError(f"accum_dtype must be None or torch.float32, got {accum_dtype}")
     if opts.check_finite:
-        for name, tensor in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
-                             ("teacher_negative_hidden", teacher_negative_hidden)):
-            if tensor is not None:
-                check_no_nan(name, tensor)
+        check_no_nan(dict(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+                          teacher_negative_hidden=teacher_negative_hidden))
         if labels is not None:
             check_label_range(labels, vocab, opts.ignore_index)
 

@@ -150,10 +150,22 @@ def check_labels(labels: object, leading_shape: torch.Size, device: torch.device
     return labels
 
 
-def check_no_nan(name: str, tensor: torch.Tensor) -> None:
-    """Raise a ValueError naming ``name`` if ``tensor`` holds a NaN (one host synchronisation)."""
-    if tensor.numel() and bool(torch.isnan(tensor).any()):
-        raise ValueError(f"{name} contains NaN; pass check_finite=False to skip this check")
+def check_no_nan(named_tensors: dict[str, torch.Tensor | None]) -> None:
+    """Raise a ValueError naming the first tensor that holds a NaN; one host synchronisation.
+
+    A single fp32 sum per tensor screens them (a NaN anywhere makes the sum NaN; ``-inf`` entries
+    alone do not), so no ``[rows x V]`` boolean mask is built; only a tensor whose sum is NaN
+    (a NaN, or ``+inf`` and ``-inf`` together) is inspected element by element.
+    """
+    present = {name: t for name, t in named_tensors.items() if t is not None and t.numel()}
+    if not present:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype != torch.float64 else t.sum().float()
+                        for t in present.values()])
+    suspicious = torch.isnan(sums).tolist()
+    for (name, tensor), suspect in zip(present.items(), suspicious):
+        if suspect and bool(torch.isnan(tensor).any()):
+            raise ValueError(f"{name} contains NaN; pass check_finite=False to skip this check")
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:

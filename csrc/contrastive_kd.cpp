@@ -26,7 +26,9 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The AVX2 copy of the tile kernels relies on GCC's `#pragma GCC target`; other compilers (clang
+// ignores that pragma) build the baseline kernels only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define CAAD_HAVE_AVX2_BUILD 1
 #endif

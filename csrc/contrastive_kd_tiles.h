@@ -8,8 +8,8 @@
 // with a target attribute is a compiler corner we do not rely on), only `#pragma omp simd` is used here.
 //
 // Requires, before inclusion: <cstdint>, <cfloat>, <cmath>, c10::Half, <immintrin.h> when
-// CAAD_TILES_F16C is defined, and the shared types `DType`, `Src`, `RowJob`, `Partial`, `Divergence`,
-// `kTile` of contrastive_kd.cpp.
+// CAAD_TILES_F16C is defined, and the shared definitions of contrastive_kd.cpp: `kTile`, `DType`,
+// `dtype_size`, `Divergence`, `TempMode`, `Src`, `RowJob`, `Partial`, `RowStats`, `merge_partial`.
 //
 // Conventions (DESIGN.md section 2): a = z_hat / tau with cut-off tokens and z_pos = -inf tokens at
 // -inf; b = s / tau; all sums in float32. Running maxima start at -FLT_MAX instead of -inf so that

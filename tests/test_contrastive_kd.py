@@ -298,3 +298,12 @@ def test_nan_is_reported_by_name(which):
         _call(**tensors)
     # opting out skips the check: no error is raised (what the NaN does downstream is undefined)
     _call(**tensors, check_finite=False)
+
+
+def test_nan_screen_has_no_false_positive_on_infinities():
+    from caad_kernels.options import check_no_nan
+
+    both_infinities = torch.tensor([[1.0, float("inf"), float("-inf")]])
+    check_no_nan({"x": both_infinities, "y": None})  # sum is NaN, yet no element is: no error
+    with pytest.raises(ValueError, match="y contains NaN"):
+        check_no_nan({"x": both_infinities, "y": torch.tensor([0.0, float("nan")], dtype=torch.bfloat16)})

@@ -280,10 +280,11 @@ def test_grad_may_alias_the_student(cpp, dtype, beta):
     torch.testing.assert_close(aliased.view(-1, aliased.shape[-1]), expected, rtol=0, atol=0)
 
 
-def test_generic_kernels_match_the_vectorised_ones(cpp):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_generic_kernels_match_the_vectorised_ones(cpp, dtype):
     """Both compiled kernel sets (baseline ISA and AVX2) give the same results to rounding."""
     ext = cpp.load_extension()
-    student, teacher, negative, labels = make_inputs((2, 3), 3000, seed=23)
+    student, teacher, negative, labels = make_inputs((2, 3), 3000, dtype=dtype, seed=23)
     results = {}
     for isa in ("generic", "auto"):
         ext.set_isa(isa)
@@ -295,7 +296,25 @@ def test_generic_kernels_match_the_vectorised_ones(cpp):
             ext.set_isa("auto")
     for generic, best in zip(results["generic"], results["auto"]):
         for got, want in zip(generic, best):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-5)
+
+
+def test_build_failure_is_a_clear_error_and_auto_falls_back(cpp, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from caad_kernels import backends
+
+    monkeypatch.setattr(cpp, "_module", None)
+    monkeypatch.setattr(cpp, "_failure", None)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(RuntimeError, match="could not build the C\\+\\+ CPU kernels.*ninja"):
+        cpp.load_extension()
+    with pytest.raises(RuntimeError, match="ninja"):  # remembered, not retried
+        cpp.load_extension()
+    monkeypatch.setattr(backends, "_warned_cpp_fallback", False)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32) is torch_rows
 
 
 def test_empty_rows(cpp):

@@ -10,7 +10,8 @@ fused-linear op (which calls them on one chunk of freshly computed logits at a t
     (only the first ``params.vocab_size`` columns are read). ``labels`` is a contiguous int64
     ``[rows]`` tensor, or ``None`` when ``params.has_labels`` is False. Returns float32 ``[rows]``
     tensors ``kd`` (the raw divergence: no ``tau**2``, no weight) and ``ce`` (at temperature 1),
-    both 0 on rows whose label is ``ignore_index``, and ``stats``, float32 ``[rows, 5]``:
+    both 0 on rows whose label is ``ignore_index``, and ``stats``, float32 ``[rows, 5]`` (unspecified
+    on ignored rows, which a backend may skip entirely):
 
     ====  =================================================================================
     col   meaning
