@@ -12,6 +12,9 @@
 // W' = exp(da) (W + S (da - db)) when the maxima move by da, db); the plausibility cutoff adds a
 // first sweep for max z_pos, the mixture a second sweep once lse_a and lse_b are known.
 // Rows whose label is ignore_index are skipped: kd = ce = 0, stats 0, gradient 0.
+// loss_and_grad (coefficients known in advance) runs a row's gradient sweep right after its forward
+// sweeps while the row is still in cache, with log p and log q taken from the row's maxima and sums
+// rather than from the rounded lse; split rows write gradients only after all segments have merged.
 
 #include <torch/extension.h>
 
@@ -75,9 +78,13 @@ struct Partial {
   float sa = 0.f, sb = 0.f, ss = 0.f, w = 0.f;
 };
 
-// Per-row inputs of the backward unit.
+// Per-row inputs of the gradient sweep. The log-probabilities are formed as
+// log p = (a - shift_a) - off_a, log q = (s - shift_s) / tau - off_b, log softmax(s) = (s - shift_s) - off_s:
+// from saved stats (backward) shift_a = lse_a, off_a = 0, shift_s = 0, off_b = lse_b, off_s = lse_s;
+// in the fused pass, from the row's own state, shift_a = m_a, off_a = log S_a, shift_s = m_s,
+// off_b = log S_b, off_s = log S_s, which avoids the rounding of lse = m + log S for large logits.
 struct RowStats {
-  float lse_a, lse_b, lse_s, kl_aux, zthr, coef_kd, coef_ce;
+  float shift_a, off_a, shift_s, off_b, off_s, kl_aux, zthr, coef_kd, coef_ce;
   int64_t label;  // column of the CE one-hot, -1 when none
 };
 
@@ -297,21 +304,50 @@ void zero_row(int64_t row, const ForwardOut& out) {
   std::fill(out.stats + row * 5, out.stats + row * 5 + 5, 0.f);
 }
 
-// ---------------------------------------------------------------------------------------------
-// entry points
+// Where the fused pass writes the gradient (absent for the forward alone).
+struct GradOut {
+  const float* coef_kd;
+  const float* coef_ce;  // nullptr without labels
+  char* base;
+  size_t row_bytes;
+};
 
-std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& teacher,
-                                const std::optional<at::Tensor>& negative, const std::optional<at::Tensor>& labels,
-                                double alpha, double inv_temperature, double beta, double log_plausibility,
-                                bool cutoff, int64_t ignore_index, int64_t vocab) {
-  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
-                              vocab);
-  const int64_t rows = student.size(0) * student.size(1);
-  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
-  at::Tensor kd = at::empty({rows}, opts), ce = at::empty({rows}, opts), stats = at::empty({rows, 5}, opts);
-  if (rows == 0) return {kd, ce, stats};
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
-  const ForwardOut out{kd.data_ptr<float>(), ce.data_ptr<float>(), stats.data_ptr<float>()};
+// The gradient sweep's inputs for a row from its merged forward state (finalize_row has run).
+RowStats fused_row_stats(const RowJob& job, int64_t row, int64_t label, float zmax, const Partial& st,
+                         const ForwardOut& out, const GradOut& g) {
+  const bool ignored = label == kIgnored;
+  return RowStats{st.ma,
+                  std::log(st.sa),
+                  st.ms,
+                  std::log(st.sb),
+                  std::log(st.ss),
+                  out.stats[row * 5 + 3],
+                  zmax + job.log_plausibility,
+                  ignored ? 0.f : g.coef_kd[row],
+                  ignored || g.coef_ce == nullptr ? 0.f : g.coef_ce[row],
+                  ignored ? -1 : label};
+}
+
+void check_f32_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows * cols,
+              "caad cpp backend: ", name, " must be a contiguous float32 CPU tensor of ", rows, " x ", cols,
+              " elements");
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& student, int64_t rows, int64_t vocab) {
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.numel() == rows * vocab &&
+                  grad.scalar_type() == student.scalar_type(),
+              "caad cpp backend: grad must be a contiguous CPU tensor of ", rows, " x ", vocab,
+              " elements in the student's dtype");
+}
+
+// The forward sweeps of every row; with `grad`, each row's gradient sweep follows its forward
+// sweeps. With one unit per row that happens inside the same loop iteration (the row is still in
+// cache; the row is read in full before its first gradient tile is written, so grad may alias the
+// student). With split rows the gradient units run only after every row's segments have been merged
+// (the loops are separated by the implicit barrier of `omp parallel for`).
+void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vector<int64_t>& label,
+                  const ForwardOut& out, const GradOut* grad) {
   const Kernels& K = *g_kernels;
   const bool mixture = job.divergence == Divergence::kMixture;
   const int64_t segs = segments_per_row(rows, vocab);
@@ -321,6 +357,7 @@ std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& tea
     for (int64_t row = 0; row < rows; ++row) {
       if (label[row] == kIgnored) {
         zero_row(row, out);
+        if (grad != nullptr) std::memset(grad->base + row * grad->row_bytes, 0, grad->row_bytes);
         continue;
       }
       const float zmax = job.cutoff ? K.zmax(job, row, 0, vocab) : 0.f;
@@ -329,8 +366,12 @@ std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& tea
       float pm = 0.f, qm = 0.f;
       if (mixture) K.mixture(job, row, 0, vocab, zthr, st, &pm, &qm);
       finalize_row(job, row, label[row], zmax, st, pm, qm, out);
+      if (grad != nullptr) {
+        const RowStats rs = fused_row_stats(job, row, label[row], zmax, st, out, *grad);
+        K.backward(job, row, 0, vocab, rs, grad->base + row * grad->row_bytes);
+      }
     }
-    return {kd, ce, stats};
+    return;
   }
 
   // Few rows: every sweep is split over (row, segment) units, then the partials are merged per row.
@@ -382,6 +423,61 @@ std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& tea
     }
     finalize_row(job, row, label[row], zmax[row], state[row], row_pm, row_qm, out);
   }
+  if (grad == nullptr) return;
+  // every segment of every row has been read and merged: now the segments may write their gradients
+  std::vector<RowStats> row_stats(rows);
+  for (int64_t row = 0; row < rows; ++row) {
+    row_stats[row] = fused_row_stats(job, row, label[row], zmax[row], state[row], out, *grad);
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t row = u / segs, seg = u % segs;
+    K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), row_stats[row],
+               grad->base + row * grad->row_bytes);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points
+
+std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& negative, const std::optional<at::Tensor>& labels,
+                                double alpha, double inv_temperature, double beta, double log_plausibility,
+                                bool cutoff, int64_t ignore_index, int64_t vocab) {
+  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
+                              vocab);
+  const int64_t rows = student.size(0) * student.size(1);
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  at::Tensor kd = at::empty({rows}, opts), ce = at::empty({rows}, opts), stats = at::empty({rows, 5}, opts);
+  if (rows == 0) return {kd, ce, stats};
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
+  const ForwardOut out{kd.data_ptr<float>(), ce.data_ptr<float>(), stats.data_ptr<float>()};
+  forward_impl(job, rows, vocab, label, out, nullptr);
+  return {kd, ce, stats};
+}
+
+// forward and backward in one pass for coefficients known in advance; returns what forward returns
+// and writes grad (which may alias the student).
+std::vector<at::Tensor> loss_and_grad(const at::Tensor& student, const at::Tensor& teacher,
+                                      const std::optional<at::Tensor>& negative,
+                                      const std::optional<at::Tensor>& labels, const at::Tensor& coef_kd,
+                                      const at::Tensor& coef_ce, double alpha, double inv_temperature, double beta,
+                                      double log_plausibility, bool cutoff, int64_t ignore_index, int64_t vocab,
+                                      at::Tensor& grad) {
+  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
+                              vocab);
+  const int64_t rows = student.size(0) * student.size(1);
+  check_f32_rows(coef_kd, "coef_kd", rows, 1);
+  check_f32_rows(coef_ce, "coef_ce", rows, 1);
+  check_grad(grad, student, rows, vocab);
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  at::Tensor kd = at::empty({rows}, opts), ce = at::empty({rows}, opts), stats = at::empty({rows, 5}, opts);
+  if (rows == 0) return {kd, ce, stats};
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
+  const ForwardOut out{kd.data_ptr<float>(), ce.data_ptr<float>(), stats.data_ptr<float>()};
+  const GradOut g{coef_kd.data_ptr<float>(), labels.has_value() ? coef_ce.data_ptr<float>() : nullptr,
+                  static_cast<char*>(grad.data_ptr()), static_cast<size_t>(vocab) * dtype_size(job.grad_dt)};
+  forward_impl(job, rows, vocab, label, out, &g);
   return {kd, ce, stats};
 }
 
@@ -392,19 +488,10 @@ void backward(const at::Tensor& student, const at::Tensor& teacher, const std::o
   const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
                               vocab);
   const int64_t rows = student.size(0) * student.size(1);
-  auto check_f32 = [&](const at::Tensor& t, const char* name, int64_t cols) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                    t.numel() == rows * cols,
-                "caad cpp backend: ", name, " must be a contiguous float32 CPU tensor of ", rows, " x ", cols,
-                " elements");
-  };
-  check_f32(stats, "stats", 5);
-  check_f32(coef_kd, "coef_kd", 1);
-  check_f32(coef_ce, "coef_ce", 1);
-  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.numel() == rows * vocab &&
-                  grad.scalar_type() == student.scalar_type(),
-              "caad cpp backend: grad must be a contiguous CPU tensor of ", rows, " x ", vocab,
-              " elements in the student's dtype");
+  check_f32_rows(stats, "stats", rows, 5);
+  check_f32_rows(coef_kd, "coef_kd", rows, 1);
+  check_f32_rows(coef_ce, "coef_ce", rows, 1);
+  check_grad(grad, student, rows, vocab);
   if (rows == 0) return;
   const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
   const float* st = stats.data_ptr<float>();
@@ -421,7 +508,7 @@ void backward(const at::Tensor& student, const at::Tensor& teacher, const std::o
     const int64_t row = u / segs, seg = u % segs;
     const float* s = st + row * 5;
     const bool ignored = label[row] == kIgnored;
-    RowStats rs{s[0], s[1], s[2], s[3], s[4] + job.log_plausibility, ignored ? 0.f : ckd[row],
+    RowStats rs{s[0], 0.f, 0.f, s[1], s[2], s[3], s[4] + job.log_plausibility, ignored ? 0.f : ckd[row],
                 ignored || !has_labels ? 0.f : cce[row], ignored ? -1 : label[row]};
     K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), rs,
                gbase + row * row_bytes);
@@ -457,6 +544,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "log_plausibility, cutoff, ignore_index, vocab, grad) -> None (writes grad)",
         py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("stats"),
         py::arg("coef_kd"), py::arg("coef_ce"), py::arg("alpha"), py::arg("inv_temperature"), py::arg("beta"),
+        py::arg("log_plausibility"), py::arg("cutoff"), py::arg("ignore_index"), py::arg("vocab"),
+        py::arg("grad"));
+  m.def("loss_and_grad", &caad::loss_and_grad, py::call_guard<py::gil_scoped_release>(),
+        "loss_and_grad(student, teacher, negative, labels, coef_kd, coef_ce, alpha, inv_temperature, beta, "
+        "log_plausibility, cutoff, ignore_index, vocab, grad) -> [kd, ce, stats] (and writes grad, which may "
+        "alias the student)",
+        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("coef_kd"),
+        py::arg("coef_ce"), py::arg("alpha"), py::arg("inv_temperature"), py::arg("beta"),
         py::arg("log_plausibility"), py::arg("cutoff"), py::arg("ignore_index"), py::arg("vocab"),
         py::arg("grad"));
   m.def("isa", &caad::isa, "name of the kernel set in use: 'avx2' or 'generic'");

@@ -290,6 +290,8 @@ static void mixture_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
 // grad[row, c0:c1] = coef_kd * d kd / d s + coef_ce * d ce / d s, written tile by tile into
 // `grad_row` (the row's start, dtype `job.grad_dt`). Each tile of the student is read into a
 // float buffer before the same columns are written, so `grad` may alias the student.
+// The log-probabilities are formed as in RowStats: log p = (a - shift_a) - off_a,
+// log q = (s - shift_s) / tau - off_b, log softmax(s) = (s - shift_s) - off_s.
 static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1, const RowStats& st,
                           void* grad_row) {
   alignas(64) float abuf[kTile];
@@ -303,7 +305,8 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
   }
   const float inv_t = job.inv_temperature;
   const float k = st.coef_kd * inv_t;
-  const float lse_a = st.lse_a, lse_b = st.lse_b, lse_s = st.lse_s, kl = st.kl_aux;
+  const float shift_a = st.shift_a, off_a = st.off_a, shift_s = st.shift_s;
+  const float off_b = st.off_b, off_s = st.off_s, kl = st.kl_aux;
   const float lbeta = job.log_beta, l1mbeta = job.log_one_minus_beta;
   const float k_mix = k * (1.0f - job.beta);
   const float cce = st.coef_ce;
@@ -316,44 +319,47 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
       switch (job.divergence) {
         case Divergence::kForward:
           if (ce_from_q) {
-            // softmax(s) = exp(s - lse_s) = q^2 exp(2 lse_b - lse_s) at tau = 2 (q itself at tau = 1)
-            const float c = inv_t == 1.0f ? cce : cce * std::exp(2.0f * lse_b - lse_s);
+            // softmax(s) = exp((s - shift_s) - off_s) = q^2 exp(2 off_b - off_s) at tau = 2 (q itself
+            // at tau = 1, where off_b = off_s)
+            const float c = inv_t == 1.0f ? cce : cce * std::exp(2.0f * off_b - off_s);
             const bool square = inv_t != 1.0f;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) {
-              const float q = vexp(sbuf[j] * inv_t - lse_b);
-              gbuf[j] = k * (q - vexp(abuf[j] - lse_a)) + c * (square ? q * q : q);
+              const float q = vexp((sbuf[j] - shift_s) * inv_t - off_b);
+              gbuf[j] = k * (q - vexp((abuf[j] - shift_a) - off_a)) + c * (square ? q * q : q);
             }
           } else {
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) gbuf[j] = k * (vexp(sbuf[j] * inv_t - lse_b) - vexp(abuf[j] - lse_a));
+            for (int64_t j = 0; j < n; ++j) {
+              gbuf[j] = k * (vexp((sbuf[j] - shift_s) * inv_t - off_b) - vexp((abuf[j] - shift_a) - off_a));
+            }
           }
           break;
         case Divergence::kReverse:
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
-            const float lq = sbuf[j] * inv_t - lse_b;
+            const float lq = (sbuf[j] - shift_s) * inv_t - off_b;
             const float q = vexp(lq);
-            gbuf[j] = q > 0.f ? k * q * (lq - (abuf[j] - lse_a) - kl) : 0.f;
+            gbuf[j] = q > 0.f ? k * q * (lq - ((abuf[j] - shift_a) - off_a) - kl) : 0.f;
           }
           break;
         default:
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
-            const float lq = sbuf[j] * inv_t - lse_b;
+            const float lq = (sbuf[j] - shift_s) * inv_t - off_b;
             const float q = vexp(lq);
-            const float lm = vlogaddexp((abuf[j] - lse_a) + lbeta, lq + l1mbeta);
+            const float lm = vlogaddexp(((abuf[j] - shift_a) - off_a) + lbeta, lq + l1mbeta);
             gbuf[j] = q > 0.f ? k_mix * q * (lq - lm - kl) : 0.f;
           }
           break;
       }
       if (cce != 0.f && !(ce_from_q && job.divergence == Divergence::kForward)) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) gbuf[j] += cce * vexp(sbuf[j] - lse_s);
+        for (int64_t j = 0; j < n; ++j) gbuf[j] += cce * vexp((sbuf[j] - shift_s) - off_s);
       }
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) gbuf[j] = cce * vexp(sbuf[j] - lse_s);
+      for (int64_t j = 0; j < n; ++j) gbuf[j] = cce * vexp((sbuf[j] - shift_s) - off_s);
     }
     if (st.label >= j0 && st.label < j0 + n) gbuf[st.label - j0] -= cce;
     store_tile(gbuf, n, job.grad_dt, grad_base + j0 * gsize);

@@ -289,9 +289,9 @@ def test_generic_kernels_match_the_vectorised_ones(cpp, dtype):
     for isa in ("generic", "auto"):
         ext.set_isa(isa)
         try:
-            results[isa] = [run_rows(cpp, student, teacher, negative, labels, KDOptions(alpha=2.0, temperature=2.0,
-                                                                                       beta=beta))
-                            for beta in (0.0, 0.5, 1.0)]
+            results[isa] = [run(cpp, student, teacher, negative, labels, KDOptions(alpha=2.0, temperature=2.0,
+                                                                                  beta=beta))
+                            for beta in (0.0, 0.5, 1.0) for run in (run_rows, run_fused)]
         finally:
             ext.set_isa("auto")
     for generic, best in zip(results["generic"], results["auto"]):
@@ -369,3 +369,172 @@ def test_second_process_reuses_the_cached_build(cpp):
     assert Path(done.stdout.strip().splitlines()[-1]).parent == build_dir
     after = {p: p.stat().st_mtime_ns for p in build_dir.iterdir() if p.suffix in (".o", ".so")}
     assert after == artefacts
+
+
+# ---------------------------------------------------------------------------------------------
+# loss_and_grad_rows: the fused forward + gradient pass
+
+
+def run_fused(module, student, teacher, negative, labels, opts: KDOptions, coef_seed: int = 1, grad=None):
+    """``(kd, ce, stats, grad)`` of ``loss_and_grad_rows`` with the coefficients of :func:`run_rows`."""
+    params = opts.row_params(student.shape[-1], negative is not None, labels is not None)
+    s_rows, t_rows = as_rows(student), as_rows(teacher)
+    n_rows = as_rows(negative) if params.has_negative else None
+    flat_labels = None if labels is None else labels.reshape(-1).contiguous()
+    coef_kd, coef_ce = row_coefficients(s_rows.rows, flat_labels, opts, coef_seed)
+    if grad is None:
+        grad = torch.full((s_rows.rows, student.shape[-1]), float("nan"), dtype=student.dtype)
+    kd, ce, stats = module.loss_and_grad_rows(s_rows, t_rows, n_rows, flat_labels, coef_kd, coef_ce, params, grad)
+    return kd, ce, stats, grad
+
+
+def check_fused_against_two_pass(fused, two_pass, labels, ignore_index=-100, grad_rtol=5e-5, grad_atol=1e-6):
+    """Same forward code on both sides: ``kd``, ``ce`` and ``stats`` agree exactly; the gradients differ by
+    the fused pass's log-probabilities (from the row's maxima and sums, not the rounded lse), which matter
+    most where reverse KL's ``log q - log p - KL`` cancels, hence the ``rtol`` (the reference checks are
+    the tighter ones)."""
+    valid = valid_rows(labels, fused[0].numel(), ignore_index)
+    torch.testing.assert_close(fused[0], two_pass[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[1], two_pass[1], rtol=0, atol=0)
+    torch.testing.assert_close(fused[2][valid], two_pass[2][valid], rtol=0, atol=0)
+    assert fused[3].dtype == two_pass[3].dtype
+    torch.testing.assert_close(fused[3].float(), two_pass[3].float(), rtol=grad_rtol, atol=grad_atol)
+    assert torch.all(fused[3][~valid] == 0)
+
+
+FUSED_GRID = [
+    (beta, temperature, plausibility)
+    for beta in (0.0, 0.5, 1.0)
+    for temperature in (0.5, 1.0, 2.0)
+    for plausibility in (0.0, 0.1)
+    if not (beta == 1.0 and plausibility > 0)
+]
+
+
+@pytest.mark.parametrize("negative,labels", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("beta,temperature,plausibility", FUSED_GRID)
+def test_loss_and_grad_matches_forward_backward_and_reference(cpp, beta, temperature, plausibility, negative,
+                                                              labels):
+    student, teacher, neg, y = make_inputs((2, 3), 1001, negative=negative, labels=labels,
+                                           seed=int(10 * beta + 3 * temperature + 100 * plausibility))
+    opts = KDOptions(alpha=2.0, temperature=temperature, beta=beta, plausibility=plausibility)
+    fused = run_fused(cpp, student, teacher, neg, y, opts)
+    check_fused_against_two_pass(fused, run_rows(cpp, student, teacher, neg, y, opts), y)
+    # reverse KL at tau = 0.5 has KL(q||p) ~ 80 here, known to ~1e-6 relative in float32 sums (on every
+    # float32 backend): its gradient q (log q - log p - KL) inherits that absolute error
+    grad_atol = 5e-5 if beta == 1.0 and temperature == 0.5 else 2e-6
+    check_against_reference(fused, reference_rows(student, teacher, neg, y, opts), y, grad_atol=grad_atol)
+
+
+@pytest.mark.parametrize("vocab", [1, 37, 2049, 5003])
+@pytest.mark.parametrize("beta,plausibility", [(0.0, 0.1), (0.5, 0.1), (1.0, 0.0)])
+def test_loss_and_grad_odd_vocab_sizes(cpp, vocab, beta, plausibility):
+    """Vocabularies that are not a multiple of the 2048-column tile (and shorter than one tile)."""
+    student, teacher, negative, labels = make_inputs((2, 2), vocab, seed=vocab + 1)
+    opts = KDOptions(alpha=1.0, temperature=2.0, beta=beta, plausibility=plausibility)
+    fused = run_fused(cpp, student, teacher, negative, labels, opts)
+    check_fused_against_two_pass(fused, run_rows(cpp, student, teacher, negative, labels, opts), labels)
+    check_against_reference(fused, reference_rows(student, teacher, negative, labels, opts), labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta,plausibility", [(0.0, 0.0), (0.5, 0.1), (1.0, 0.0)])
+def test_loss_and_grad_dtypes_and_aliasing(cpp, dtype, beta, plausibility):
+    """``grad`` is the student tensor itself (as in the fused-linear op): same result as a separate buffer."""
+    student, teacher, negative, labels = make_inputs((2, 3), 4500, dtype=dtype, seed=31)
+    opts = KDOptions(alpha=2.0, temperature=2.0, beta=beta, plausibility=plausibility)
+    separate = run_fused(cpp, student, teacher, negative, labels, opts)
+    assert separate[3].dtype == dtype
+    aliased = student.clone()
+    out = run_fused(cpp, aliased, teacher, negative, labels, opts, grad=aliased.view(-1, aliased.shape[-1]))
+    assert out[3].data_ptr() == aliased.data_ptr()
+    for got, want in zip(out, separate):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    low = dtype != torch.float32
+    check_fused_against_two_pass(separate, run_rows(cpp, student, teacher, negative, labels, opts), labels,
+                                 grad_rtol=1e-2 if low else 1e-5, grad_atol=2e-3 if low else 1e-6)
+    check_against_reference(separate, reference_rows(student, teacher, negative, labels, opts), labels,
+                            rtol=1e-4 if low else 1e-5, atol=1e-4 if low else 2e-5, grad_atol=2e-3 if low else 2e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("beta,plausibility", [(0.0, 0.0), (0.0, 0.1), (0.5, 0.1), (1.0, 0.0)])
+def test_loss_and_grad_split_rows_with_aliasing(cpp, rows, beta, plausibility):
+    """Fewer rows than threads: rows are split into column segments, and the gradient (written over the
+    student) is only written once every segment of the row has been read and merged."""
+    student, teacher, negative, labels = make_inputs((1, rows), 20001, labels=True, seed=37)
+    labels.fill_(123)
+    opts = KDOptions(alpha=2.0, temperature=2.0, beta=beta, plausibility=plausibility)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        aliased = student.clone()
+        fused = run_fused(cpp, aliased, teacher, negative, labels, opts, grad=aliased.view(-1, aliased.shape[-1]))
+        two_pass = run_rows(cpp, student, teacher, negative, labels, opts)
+        torch.set_num_threads(1)
+        single = run_fused(cpp, student, teacher, negative, labels, opts)  # one unit per row, no split
+    finally:
+        torch.set_num_threads(previous)
+    check_fused_against_two_pass(fused, two_pass, labels, grad_atol=2e-6)
+    for got, want in zip(fused, single):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=5e-6)
+    check_against_reference(fused, reference_rows(student, teacher, negative, labels, opts), labels,
+                            rtol=2e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_loss_and_grad_extreme_logits(cpp, beta):
+    """Logits near +-1e4: log p, log q from the row's maxima and sums stay accurate (no rounded lse)."""
+    student, teacher, negative, labels = make_inputs((2, 3), 300, scale=1.0, seed=13)
+    gen = torch.Generator().manual_seed(0)
+    for x in (student, teacher, negative):
+        x.copy_(torch.where(torch.rand(x.shape, generator=gen) < 0.5, 1e4, -1e4) + x)
+    opts = KDOptions(alpha=1.0, temperature=2.0, beta=beta)
+    fused = run_fused(cpp, student, teacher, negative, labels, opts)
+    assert torch.isfinite(fused[0]).all() and torch.isfinite(fused[3]).all()
+    check_against_reference(fused, reference_rows(student, teacher, negative, labels, opts), labels,
+                            rtol=1e-4, atol=1e-2, grad_atol=5e-2)
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0), (0.5, 2.0)])
+def test_loss_and_grad_precise_log_probabilities(cpp, beta, temperature):
+    """Large, offset logits: the fused pass forms log p = (a - m_a) - log S_a (and likewise log q) instead
+    of a - lse_a with lse_a rounded to float32, and stays within 1e-6 of the float64 gradient."""
+    student, teacher, negative, labels = make_inputs((2, 3), 1001, scale=30.0, seed=43)
+    student += 500.0
+    teacher += 300.0
+    opts = KDOptions(alpha=2.0, temperature=temperature, beta=beta)
+    fused = run_fused(cpp, student, teacher, negative, labels, opts)
+    ref = reference_rows(student, teacher, negative, labels, opts)
+    torch.testing.assert_close(fused[3].double(), ref[-1], rtol=0, atol=1e-6)
+
+
+def test_loss_and_grad_empty_rows_and_bad_grad(cpp):
+    student, teacher, negative, labels = make_inputs((2, 3), 10)
+    kd, ce, stats, grad = run_fused(cpp, student[:, :0], teacher[:, :0], negative[:, :0], None, KDOptions(alpha=1.0))
+    assert kd.shape == (0,) and stats.shape == (0, 5) and grad.shape == (0, 10)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        run_fused(cpp, student, teacher, negative, labels, KDOptions(), grad=torch.empty(6, 10, dtype=torch.bfloat16))
+
+
+def test_fused_linear_uses_loss_and_grad_rows(cpp):
+    """The fused-linear op takes the one-pass path with this backend and matches the logits-level op."""
+    from caad_kernels import fused_linear_contrastive_kd_loss
+
+    assert hasattr(cpp, "loss_and_grad_rows")
+    gen = torch.Generator().manual_seed(41)
+    h_s = torch.randn(2, 5, 16, generator=gen).requires_grad_(True)
+    w_s = torch.randn(300, 16, generator=gen).requires_grad_(True)
+    h_t, h_n = torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 12, generator=gen)
+    w_t = torch.randn(310, 12, generator=gen)
+    y = torch.randint(0, 300, (2, 5), generator=gen)
+    y[0, 1] = -100
+    options = dict(alpha=2.0, temperature=2.0, beta=0.5, plausibility=0.1, kd_weight=0.7, ce_weight=0.3)
+    loss = fused_linear_contrastive_kd_loss(h_s, w_s, h_t, w_t, h_n, y, chunk_size=3, backend="cpp", **options)
+    loss.backward()
+    h_s2, w_s2 = h_s.detach().clone().requires_grad_(True), w_s.detach().clone().requires_grad_(True)
+    ref = contrastive_kd_loss(h_s2 @ w_s2.T, h_t @ w_t[:300].T, h_n @ w_t[:300].T, y, backend="torch", **options)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_s.grad, h_s2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_s.grad, w_s2.grad, rtol=1e-4, atol=1e-5)

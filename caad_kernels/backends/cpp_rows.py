@@ -12,6 +12,10 @@ cache key needs no CPU model and no ``-march=native``.
 The kernels accumulate in float32 and accept float32, bfloat16 and float16 tensors on the CPU;
 float64 raises a TypeError (``backend="auto"`` sends float64 to the torch backend). Rows whose label
 is ``ignore_index`` are skipped entirely: their ``kd``, ``ce`` and ``stats`` are 0.
+
+``loss_and_grad_rows`` (used by the fused-linear op, which knows the coefficients in advance) runs each
+row's gradient sweep right after its forward sweeps, while the row is still in cache, and forms
+``log p``/``log q`` from the row's maxima and sums rather than from the rounded ``lse``.
 """
 
 from __future__ import annotations
@@ -228,3 +232,46 @@ def backward_rows(
         int(params.vocab_size),
         grad,
     )
+
+
+def loss_and_grad_rows(
+    student: RowView,
+    teacher: RowView,
+    negative: RowView | None,
+    labels: torch.Tensor | None,
+    coef_kd: torch.Tensor,
+    coef_ce: torch.Tensor,
+    params: RowParams,
+    grad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward_rows` and :func:`backward_rows` in one pass, for coefficients known in advance.
+
+    Each row runs its forward sweeps and then, while it is still in cache, its gradient sweep, which
+    writes ``coef_kd * d kd/d s + coef_ce * d ce/d s`` into ``grad`` (contiguous ``[rows, V]``, the
+    student's dtype). ``grad`` may be the student itself: a row is read in full before its first
+    gradient tile is written (rows split into column segments write only after all their segments
+    have been merged). Returns ``(kd, ce, stats)`` exactly as :func:`forward_rows`.
+    """
+    ext = load_extension()
+    negative = negative if params.has_negative else None
+    _check_inputs(student, teacher, negative)
+    if grad.device.type != "cpu":
+        raise ValueError(f"the cpp backend writes CPU gradients, got grad on {grad.device}")
+    alpha, inv_t, beta, log_plausibility, cutoff = _scalar_args(params)
+    kd, ce, stats = ext.loss_and_grad(
+        student.data,
+        teacher.data,
+        None if negative is None else negative.data,
+        labels if params.has_labels else None,
+        coef_kd.float().contiguous(),
+        coef_ce.float().contiguous(),
+        alpha,
+        inv_t,
+        beta,
+        log_plausibility,
+        cutoff,
+        int(params.ignore_index),
+        int(params.vocab_size),
+        grad,
+    )
+    return kd, ce, stats
