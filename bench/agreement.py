@@ -91,16 +91,22 @@ def reference_outcome(op: str, config: LossConfig, inputs: BenchInputs) -> Outco
             student = leaf @ weight_s.T
             with torch.no_grad():
                 teacher = inputs.hidden_t[start:stop].to(dtype) @ weight_t.T
-                negative = None if inputs.hidden_n is None else inputs.hidden_n[start:stop].to(dtype) @ weight_t.T
-        loss, _, _ = contrastive_kd_loss_reference(student, teacher, negative, part_labels, compute_dtype=dtype,
-                                                   **options)
+                negative = (
+                    None if inputs.hidden_n is None else inputs.hidden_n[start:stop].to(dtype) @ weight_t.T
+                )
+        loss, _, _ = contrastive_kd_loss_reference(
+            student, teacher, negative, part_labels, compute_dtype=dtype, **options
+        )
         (loss / denominator).backward()
         total += loss.detach()
         grad_rows.append(leaf.grad)
     if op == "fused":
         grad_w = weight_s.grad
-    grads = {"student": torch.cat(grad_rows)} if op == "logits" else {"hidden_s": torch.cat(grad_rows),
-                                                                       "weight_s": grad_w}
+    grads = (
+        {"student": torch.cat(grad_rows)}
+        if op == "logits"
+        else {"hidden_s": torch.cat(grad_rows), "weight_s": grad_w}
+    )
     return Outcome(total / denominator, grads)
 
 
@@ -122,14 +128,18 @@ def check_agreement(outcome: Outcome, reference: Outcome, input_dtype: torch.dty
     errors: dict[str, float] = {"loss_abs_error": abs(loss - ref_loss)}
     problems = []
     if not math.isfinite(loss) or abs(loss - ref_loss) > tol.loss_rtol * abs(ref_loss) + tol.loss_atol:
-        problems.append(f"loss {loss!r} vs reference {ref_loss!r} (rtol {tol.loss_rtol}, atol {tol.loss_atol})")
+        problems.append(
+            f"loss {loss!r} vs reference {ref_loss!r} (rtol {tol.loss_rtol}, atol {tol.loss_atol})"
+        )
     for name, grad in outcome.grads.items():
         if grad is None:
             problems.append(f"no gradient for {name}")
             continue
         ref_grad = reference.grads[name]
         if grad.shape != ref_grad.shape:
-            problems.append(f"gradient of {name} has shape {tuple(grad.shape)}, expected {tuple(ref_grad.shape)}")
+            problems.append(
+                f"gradient of {name} has shape {tuple(grad.shape)}, expected {tuple(ref_grad.shape)}"
+            )
             continue
         error = relative_error(grad, ref_grad)
         errors[f"grad_{name}_rel_error"] = error

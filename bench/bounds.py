@@ -10,12 +10,14 @@
   ``dL/dW = G.T @ h``). A GEMM whose ``[rows x V]`` operand would be larger than a buffer budget is
   timed on a row slice and scaled by ``N / rows`` (GEMM time is linear in the row count there).
 
-``fraction_of_bound = bound_seconds / median_seconds``: 1.0 would be running at the bound.
+Both are measured afresh right before each case's timed rounds (so that a machine shared with
+other work loads the bound and the case alike) and take the *best* (minimum) of their repetitions:
+a bound is the fastest the hardware was seen to go. ``fraction_of_bound = bound_seconds /
+median_seconds``: 1.0 would be running at the bound.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +41,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``reps`` runs, synchronising the device around each."""
+def best_seconds(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Minimum wall time of ``fn()`` over ``reps`` runs, synchronising the device around each."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -50,32 +52,27 @@ def median_seconds(fn: Callable[[], object], device: torch.device, reps: int, wa
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 class HardwareBounds:
-    """Copy bandwidth and GEMM times of one device, measured lazily once and cached for the run."""
+    """Copy bandwidth and GEMM times of one device, measured on every call (nothing is cached)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.reps = 10 if self.is_cuda else 3
         self.buffer_budget = (2 << 30) if self.is_cuda else (256 << 20)
-        self._bandwidth: float | None = None
-        self._gemms: dict[tuple, float] = {}
 
     def copy_bandwidth(self) -> float:
         """Bytes per second of a large device-to-device copy (read + write bytes counted)."""
-        if self._bandwidth is None:
-            size = self.buffer_budget // 2
-            if self.is_cuda:
-                size = min(size, torch.cuda.mem_get_info(self.device)[0] // 8)
-            src = torch.empty(size // 4, dtype=torch.float32, device=self.device).fill_(1.0)
-            dst = torch.empty_like(src)
-            seconds = median_seconds(lambda: dst.copy_(src), self.device, reps=max(self.reps, 5))
-            self._bandwidth = 2 * src.numel() * src.element_size() / seconds
-            del src, dst
-        return self._bandwidth
+        size = self.buffer_budget // 2
+        if self.is_cuda:
+            size = min(size, torch.cuda.mem_get_info(self.device)[0] // 8)
+        src = torch.empty(size // 4, dtype=torch.float32, device=self.device).fill_(1.0)
+        dst = torch.empty_like(src)
+        seconds = best_seconds(lambda: dst.copy_(src), self.device, reps=max(self.reps, 5))
+        return 2 * src.numel() * src.element_size() / seconds
 
     def gemm_seconds(self, kind: str, n: int, k: int, v: int, dtype: torch.dtype) -> float:
         """Time of one GEMM of the op at ``n`` rows, hidden ``k``, vocabulary ``v``.
@@ -83,12 +80,9 @@ class HardwareBounds:
         ``kind``: ``"forward"`` ``[n, k] @ [v, k].T``; ``"grad_hidden"`` ``[n, v] @ [v, k]``;
         ``"grad_weight"`` ``[n, v].T @ [n, k]``.
         """
-        key = (kind, n, k, v, dtype)
-        if key not in self._gemms:
-            element = torch.finfo(dtype).bits // 8
-            rows = max(1, min(n, self.buffer_budget // (v * element)))
-            self._gemms[key] = self._time_gemm(kind, rows, k, v, dtype) * n / rows
-        return self._gemms[key]
+        element = torch.finfo(dtype).bits // 8
+        rows = max(1, min(n, self.buffer_budget // (v * element)))
+        return self._time_gemm(kind, rows, k, v, dtype) * n / rows
 
     def _time_gemm(self, kind: str, rows: int, k: int, v: int, dtype: torch.dtype) -> float:
         def rand(*size: int) -> torch.Tensor:
@@ -105,7 +99,7 @@ class HardwareBounds:
             grad, hidden = rand(rows, v), rand(rows, k)
             out = torch.empty(v, k, device=self.device, dtype=dtype)
             fn = lambda: torch.matmul(grad.T, hidden, out=out)
-        return median_seconds(fn, self.device, reps=self.reps)
+        return best_seconds(fn, self.device, reps=self.reps)
 
     def logits_bound(self, shape: Shape, config: LossConfig, dtype: torch.dtype, mode: str) -> Bound:
         element = torch.finfo(dtype).bits // 8
@@ -114,23 +108,35 @@ class HardwareBounds:
         if mode == "fwd+bwd":
             moved += matrix
         bandwidth = self.copy_bandwidth()
-        return Bound(moved / bandwidth, "copy-bandwidth",
-                     dict(bytes_moved=moved, copy_bandwidth_GBps=round(bandwidth / 1e9, 2)))
+        return Bound(
+            moved / bandwidth,
+            "copy-bandwidth",
+            dict(bytes_moved=moved, copy_bandwidth_GBps=round(bandwidth / 1e9, 2)),
+        )
 
     def fused_bound(self, shape: Shape, config: LossConfig, dtype: torch.dtype, mode: str) -> Bound:
         n, v = shape.n, shape.v
         gemms = [("teacher forward", "forward", shape.h_t)] * (2 if config.negative else 1)
         gemms.append(("student forward", "forward", shape.h_s))
         if mode == "fwd+bwd":
-            gemms += [("student grad hidden", "grad_hidden", shape.h_s),
-                      ("student grad weight", "grad_weight", shape.h_s)]
+            gemms += [
+                ("student grad hidden", "grad_hidden", shape.h_s),
+                ("student grad weight", "grad_weight", shape.h_s),
+            ]
         seconds = 0.0
         flops = 0
         for _, kind, k in gemms:
             seconds += self.gemm_seconds(kind, n, k, v, dtype)
             flops += 2 * n * k * v
-        return Bound(seconds, "gemm", dict(gemms=[name for name, _, _ in gemms], gemm_flops=flops,
-                                           gemm_TFLOPs=round(flops / seconds / 1e12, 3)))
+        return Bound(
+            seconds,
+            "gemm",
+            dict(
+                gemms=[name for name, _, _ in gemms],
+                gemm_flops=flops,
+                gemm_TFLOPs=round(flops / seconds / 1e12, 3),
+            ),
+        )
 
     def bound(self, shape: Shape, config: LossConfig, dtype: torch.dtype, mode: str) -> Bound:
         if shape.op == "logits":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -73,12 +74,14 @@ def bench_session(request: pytest.FixtureRequest) -> Session:
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    """``git rev-parse HEAD`` (``-dirty`` when the tree has changes or untracked files), or ``unknown``."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
@@ -100,6 +103,13 @@ def device_description() -> str:
     return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
+def invocation() -> str:
+    """The command line of this run, as typed (``python -m pytest ...`` or ``pytest ...``)."""
+    program = Path(sys.argv[0])
+    head = "python -m pytest" if program.name == "__main__.py" else program.name
+    return " ".join([head, shlex.join(sys.argv[1:])])
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Record what the report header needs: device, commit, command, versions."""
     try:
@@ -109,7 +119,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["caad_bench"] = dict(
         device=device_description(),
         commit=git_commit(),
-        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        command=invocation(),
         bench_set=config.getoption("--bench-set"),
         torch=torch.__version__,
         liger_kernel=liger,

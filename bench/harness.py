@@ -3,8 +3,8 @@
 Order per case: (1) skips (set not selected, no CUDA, implementation unavailable, shape too large
 for the memory), (2) inputs and the chunked reference (cached while consecutive cases share the
 op, shape and config), (3) one run checked against the reference, which fails the case on a
-disagreement, (4) peak memory of one more run, (5) the hardware bound, (6) pytest-benchmark's
-timed rounds, (7) ``benchmark.extra_info``.
+disagreement, (4) the peak memory of that run (of a second run when the first call compiles),
+(5) the hardware bound, (6) pytest-benchmark's timed rounds, (7) ``benchmark.extra_info``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -103,12 +105,15 @@ def skip_reason(case: Case, session: Session) -> str | None:
         return "CPU peak memory needs Linux /proc/self/clear_refs and VmHWM"
     element = torch.finfo(bench_set.dtype).bits // 8
     matrix = shape.n * shape.v
-    inputs = (4 if shape.op == "logits" else 0) * matrix * element  # three inputs and the gradient
+    # the three logits inputs, our gradient and the reference's gradient (float64 on the CPU, float32 on CUDA)
+    reference_element = 8 if device.type == "cpu" else 4
+    inputs = (4 * element + reference_element) * matrix if shape.op == "logits" else 0
     estimate = inputs + impl.naive_memory_factor * matrix * 4
     free = available_bytes(device)
     if estimate > free:
         what = "the inputs" if impl.naive_memory_factor == 0 else f"{impl.name} (a materialising baseline)"
-        return f"{what} would not fit in memory: about {estimate / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
+        need, have = estimate / 2**30, free / 2**30
+        return f"{what} would not fit in memory: about {need:.1f} GiB needed, {have:.1f} GiB free"
     return None
 
 
@@ -127,18 +132,33 @@ def run_once(fn: LossFn, inputs: BenchInputs, mode: str) -> Outcome:
     return Outcome(loss, {name: tensor.grad for name, tensor in inputs.grad_leaves().items()})
 
 
-def first_run(case: Case, fn: LossFn, inputs: BenchInputs) -> Outcome:
-    """The checked run; an implementation that cannot run here is skipped, ours fail."""
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@contextmanager
+def cannot_run_skips(case: Case) -> Iterator[None]:
+    """Turn "cannot run here" into a skip: a baseline out of memory, or any error of an implementation
+    with ``failure_skips`` (no compiler, another Liger API). Errors of our kernels propagate."""
     try:
-        return run_once(fn, inputs, case.mode)
-    except torch.OutOfMemoryError as error:
+        yield
+    except OUT_OF_MEMORY as error:
         if case.impl.family == "ours":
             raise
         pytest.skip(f"{case.impl.name} ran out of memory: {str(error).splitlines()[0]}")
     except Exception as error:
         if not case.impl.failure_skips:
             raise
-        pytest.skip(f"{case.impl.name} cannot run here: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        message = str(error).splitlines()[0][:300] if str(error) else ""
+        pytest.skip(f"{case.impl.name} cannot run here: {type(error).__name__}: {message}")
+
+
+def first_run(case: Case, fn: LossFn, inputs: BenchInputs) -> tuple[Outcome, int | None]:
+    """The checked run, with its peak memory unless the first call compiles."""
+    device = next(iter(inputs.grad_leaves().values())).device
+    if case.impl.first_call_compiles:
+        return run_once(fn, inputs, case.mode), None
+    inputs.zero_grads()
+    return measure_peak_memory(lambda: run_once(fn, inputs, case.mode), device)
 
 
 def rounds_for(seconds: float, device: torch.device) -> tuple[int, int]:
@@ -155,24 +175,29 @@ def run_case(case: Case, benchmark, session: Session) -> None:
         pytest.skip(reason)
     device = torch.device(case.bench_set.device_type)
     inputs, reference = session.inputs_and_reference(case, device)
-    fn = session.loss_fn(case)
-
-    outcome = first_run(case, fn, inputs)
+    start = time.perf_counter()
+    with cannot_run_skips(case):
+        fn = session.loss_fn(case)
+        outcome, peak_bytes = first_run(case, fn, inputs)
+    single = time.perf_counter() - start
     reference_part = reference if case.mode == "fwd+bwd" else Outcome(reference.loss, {})
     errors = check_agreement(outcome, reference_part, case.bench_set.dtype)
     del outcome
-
     inputs.zero_grads()
-    gc.collect()
-    start = time.perf_counter()
-    _, peak_bytes = measure_peak_memory(lambda: run_once(fn, inputs, case.mode), device)
-    single = time.perf_counter() - start
-    bound = session.device_bounds(device).bound(case.shape, CONFIGS[case.config], case.bench_set.dtype, case.mode)
+    if peak_bytes is None:
+        gc.collect()
+        start = time.perf_counter()
+        _, peak_bytes = measure_peak_memory(lambda: run_once(fn, inputs, case.mode), device)
+        single = time.perf_counter() - start
+    bound = session.device_bounds(device).bound(
+        case.shape, CONFIGS[case.config], case.bench_set.dtype, case.mode
+    )
 
     rounds, warmup = rounds_for(single, device)
     benchmark.group = f"{case.shape.op} {case.mode} {case.config} {case.shape.describe()}"
-    benchmark.pedantic(run_once, args=(fn, inputs, case.mode), setup=None, rounds=rounds,
-                       warmup_rounds=warmup, iterations=1)
+    benchmark.pedantic(
+        run_once, args=(fn, inputs, case.mode), setup=None, rounds=rounds, warmup_rounds=warmup, iterations=1
+    )
     inputs.zero_grads()
 
     median = None

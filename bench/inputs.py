@@ -50,12 +50,16 @@ class BenchInputs:
         return replace(self, **{k: v.detach() for k, v in values.items() if isinstance(v, torch.Tensor)})
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (getattr(self, f.name) for f in fields(self))
-                   if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for t in (getattr(self, f.name) for f in fields(self))
+            if isinstance(t, torch.Tensor)
+        )
 
 
-def make_inputs(shape: Shape, config: LossConfig, dtype: torch.dtype, device: torch.device,
-                seed: int = 0) -> BenchInputs:
+def make_inputs(
+    shape: Shape, config: LossConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> BenchInputs:
     """Seeded inputs for one (shape, config); generated on ``device`` in float32, then cast."""
     gen = torch.Generator(device=device).manual_seed(seed)
 

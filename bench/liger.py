@@ -105,9 +105,34 @@ def _build_kldiv(op: str, config: LossConfig) -> LossFn:
 # Memory factors: the fused JSD keeps an fp32 [N, V] loss buffer; the logits-level losses hold the
 # two fp32 log-probability tensors, a gradient clone and the autograd buffers of log_softmax.
 LIGER_IMPLS = [
-    Impl("liger-fused-jsd", "liger", ("fused",), ("kd",), _skip, _build_fused_jsd, naive_memory_factor=2.0,
-         failure_skips=True),
-    Impl("liger-jsd", "liger", ("logits",), ("kd",), _skip, _build_jsd, naive_memory_factor=6.0, failure_skips=True),
-    Impl("liger-kldiv", "liger", ("logits",), ("kd",), _skip, _build_kldiv, naive_memory_factor=6.0,
-         failure_skips=True),
+    Impl(
+        "liger-fused-jsd",
+        "liger",
+        ("fused",),
+        ("kd",),
+        _skip,
+        _build_fused_jsd,
+        naive_memory_factor=2.0,
+        failure_skips=True,
+    ),
+    Impl(
+        "liger-jsd",
+        "liger",
+        ("logits",),
+        ("kd",),
+        _skip,
+        _build_jsd,
+        naive_memory_factor=6.0,
+        failure_skips=True,
+    ),
+    Impl(
+        "liger-kldiv",
+        "liger",
+        ("logits",),
+        ("kd",),
+        _skip,
+        _build_kldiv,
+        naive_memory_factor=6.0,
+        failure_skips=True,
+    ),
 ]

@@ -1,4 +1,7 @@
-"""Benchmarks of the fused-linear op ``fused_linear_contrastive_kd_loss`` (cases: :func:`bench.conftest.all_cases`)."""
+"""Benchmarks of the fused-linear op ``fused_linear_contrastive_kd_loss``.
+
+Cases: :func:`bench.conftest.all_cases`.
+"""
 
 from __future__ import annotations
 

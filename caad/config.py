@@ -1,4 +1,4 @@
-"""YAML configs for ``caad stage2`` and ``caad run``, with ``key=value`` overrides, validated into dataclasses.
+"""YAML configs for ``caad stage2`` and ``caad run``: ``key=value`` overrides, validated into dataclasses.
 
 A config file is a YAML mapping with the sections below (every key optional; defaults in the
 dataclasses). Command-line overrides use dotted keys and YAML values::
@@ -341,13 +341,13 @@ class CaadConfig:
         """Errors for inputs of ``caad run`` that do not exist (before anything is written)."""
         if self.data.corpus_dir is not None:
             corpus = Path(self.data.corpus_dir)
-            _check(corpus.is_dir(), "data", "corpus_dir", f"folder not found: {corpus}")
-            _check(
-                (corpus / "corpus.json").is_file(),
-                "data",
-                "corpus_dir",
-                f"{corpus} is not a caad corpus (no corpus.json); create one with `caad data synth`",
-            )
+            if not corpus.is_dir():
+                raise ConfigError(f"data.corpus_dir: folder not found: {corpus}")
+            if not (corpus / "corpus.json").is_file():
+                raise ConfigError(
+                    f"data.corpus_dir: {corpus} is not a caad corpus (no corpus.json); "
+                    "create one with `caad data synth`"
+                )
         _check_file("data", "train_manifest", self.data.train_manifest)
         _check_file("data", "eval_manifest", self.data.eval_manifest)
         _check_file("eval", "manifest", self.eval.manifest)
@@ -355,12 +355,8 @@ class CaadConfig:
             _check_checkpoint("models", "teacher", self.models.teacher)
             _check_checkpoint("models", "student", self.models.student)
         if self.stage1.generator == "lm" and self.stage1.model_path is not None:
-            _check(
-                Path(self.stage1.model_path).is_dir(),
-                "stage1",
-                "model_path",
-                f"folder not found: {self.stage1.model_path}",
-            )
+            if not Path(self.stage1.model_path).is_dir():
+                raise ConfigError(f"stage1.model_path: folder not found: {self.stage1.model_path}")
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -546,7 +542,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, Any]]) 
 
     data = copy.deepcopy(data)
     known = list_keys(CaadConfig)
-    sections = {name for name, hint in typing.get_type_hints(CaadConfig).items() if dataclasses.is_dataclass(hint)}
+    sections = {
+        name for name, hint in typing.get_type_hints(CaadConfig).items() if dataclasses.is_dataclass(hint)
+    }
     for key, value in overrides:
         if key not in known:
             raise _unknown_key(key, known, "override: ")
@@ -610,7 +608,7 @@ def dump_config(config: Any, path: str | os.PathLike[str]) -> None:
 
 
 def expand_output_dir(template: str, now: datetime.datetime | None = None) -> str:
-    """Expand ``{timestamp}`` (``YYYYmmdd-HHMMSS``) in an output folder; a taken name gets ``-2``, ``-3``..."""
+    """Expand ``{timestamp}`` (``YYYYmmdd-HHMMSS``) in an output folder; a taken name gets ``-2``, ``-3``."""
     if "{timestamp}" not in template:
         return template
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")

@@ -93,7 +93,9 @@ def _with_paths(section: TrainConfig, **paths: Any) -> TrainConfig:
     updates = {key: value for key, value in paths.items() if getattr(section, key) is None}
     if "output_dir" in paths:  # the run owns its sub-folders
         updates["output_dir"] = paths["output_dir"]
-    return dataclasses.replace(section, **{k: str(v) if isinstance(v, Path) else v for k, v in updates.items()})
+    return dataclasses.replace(
+        section, **{k: str(v) if isinstance(v, Path) else v for k, v in updates.items()}
+    )
 
 
 def _train_config(section: TrainConfig) -> TrainConfig:
@@ -170,9 +172,15 @@ def run_pipeline(config: CaadConfig) -> RunResult:
 
     # 3. models
     if config.models.tiny:
-        teacher_init, student_init = output_dir / "models" / "teacher_init", output_dir / "models" / "student_init"
-        _say(f"3/6 models: tokenizer + tiny teacher ({config.models.teacher_kind}) and student "
-             f"({config.models.student_kind}) in {output_dir / 'models'}", main)
+        teacher_init, student_init = (
+            output_dir / "models" / "teacher_init",
+            output_dir / "models" / "student_init",
+        )
+        _say(
+            f"3/6 models: tokenizer + tiny teacher ({config.models.teacher_kind}) and student "
+            f"({config.models.student_kind}) in {output_dir / 'models'}",
+            main,
+        )
         if main:
             manifests = [pseudo_gt] + ([eval_manifest] if eval_manifest.is_file() else [])
             _build_tiny_models(config, manifests, output_dir / "models")
@@ -193,7 +201,7 @@ def run_pipeline(config: CaadConfig) -> RunResult:
             output_dir=output_dir / "warmup",
         )
         _say(f"4/6 teacher warm-up (CE only) -> {warmup.output_dir}", main)
-        result = train_stage2(warmup, name="teacher warm-up")
+        result = train_stage2(warmup, name="teacher warm-up", section="warmup")
         teacher, warmup_last = result.final_model, result.last
     else:
         _say("4/6 teacher warm-up: disabled (warmup.enabled: false)", main)
@@ -207,8 +215,11 @@ def run_pipeline(config: CaadConfig) -> RunResult:
         student=student_init,
         output_dir=output_dir / "stage2",
     )
-    _say(f"5/6 stage 2 (alpha={stage2.alpha}, kd_weight={stage2.kd_weight}, ce_weight={stage2.ce_weight}, "
-         f"ZeRO-{stage2.zero_stage}, {stage2.precision}) -> {stage2.output_dir}", main)
+    _say(
+        f"5/6 stage 2 (alpha={stage2.alpha}, kd_weight={stage2.kd_weight}, ce_weight={stage2.ce_weight}, "
+        f"ZeRO-{stage2.zero_stage}, {stage2.precision}) -> {stage2.output_dir}",
+        main,
+    )
     result = train_stage2(stage2, name="stage 2 (CAAD)")
     lap("stage2")
 
@@ -221,8 +232,14 @@ def run_pipeline(config: CaadConfig) -> RunResult:
     else:
         _say(f"6/6 evaluation on {eval_manifest}", main)
         if main:
-            eval_results, eval_table = _evaluate(config, str(teacher), str(result.final_model), eval_manifest,
-                                                 output_dir / "eval", stage2.alpha)
+            eval_results, eval_table = _evaluate(
+                config,
+                str(teacher),
+                str(result.final_model),
+                eval_manifest,
+                output_dir / "eval",
+                stage2.alpha,
+            )
         barrier()
     lap("eval")
 

@@ -8,10 +8,10 @@ student chunk logits, and two more GEMMs turn it into the gradients of the hidde
 the weight (accumulated across chunks). Teacher rows past the student's vocabulary are never
 computed.
 
-With ``reduction`` "mean" or "sum" and only the total loss differentiated (the training case),
-the gradients are computed during the forward pass with a unit upstream gradient and scaled in
-backward: the teacher GEMMs run once. Otherwise (``"none"``, or gradients flowing into the
-returned components) backward recomputes the chunks with the right per-row coefficients.
+With ``reduction`` "mean" or "sum" the gradients of the total loss are computed during the
+forward pass with a unit upstream gradient and scaled in backward: the teacher GEMMs run once.
+Only when backward finds gradients flowing into the returned components too, or with
+``reduction="none"``, does it recompute the chunks with the right per-row coefficients.
 
 There is no host synchronisation inside the chunk loop: the mean's denominator stays a device
 tensor. ``check_finite`` (off by default here, unlike the logits-level op, because it syncs)
@@ -75,7 +75,7 @@ class _FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                 teacher_negative_hidden, teacher_bias, labels, opts, num_items_in_batch, chunk_size,
-                accum_dtype, return_components):
+                accum_dtype):
         ctx.set_materialize_grads(False)
         lead = student_hidden.shape[:-1]
         vocab = student_weight.shape[0]
@@ -98,8 +98,9 @@ class _FusedLinearFunction(torch.autograd.Function):
 
         needs = ctx.needs_input_grad
         want_grads = any(needs[:3])
-        # gradients in the forward pass when a unit upstream gradient on `loss` scales them exactly
-        eager = want_grads and opts.reduction != "none" and not return_components
+        # gradients in the forward pass when a unit upstream gradient on `loss` scales them exactly; should
+        # the returned components be differentiated too, backward recomputes instead
+        eager = want_grads and opts.reduction != "none"
         coef_kd = coef_ce = None
         if eager:
             unit = torch.ones((), device=device)
@@ -117,8 +118,6 @@ class _FusedLinearFunction(torch.autograd.Function):
         ce_loss = reduce_rows(ce, opts.reduction, denominator, lead)
         loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
 
-        if eager:
-            ctx.chunk = None  # backward only scales the gradients computed here
         ctx.opts, ctx.eager, ctx.lead = opts, eager, lead
         ctx.shapes = (student_hidden.shape, student_weight.shape)
         ctx.valid, ctx.denominator, ctx.grads = valid, denominator, grads
@@ -127,7 +126,7 @@ class _FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kd, grad_ce):
-        none = (None,) * 10
+        none = (None,) * 9
         if ctx.eager and grad_kd is None and grad_ce is None:
             grad_h, grad_w, grad_b = ctx.grads
             scale = torch.zeros((), device=ctx.denominator.device) if grad_loss is None else grad_loss
@@ -344,7 +343,7 @@ def fused_linear_contrastive_kd_loss(
         teacher_hidden.detach(), teacher_weight.detach(),
         None if teacher_negative_hidden is None else teacher_negative_hidden.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
-        labels, opts, num_items_in_batch, chunk_size, accum_dtype, return_components,
+        labels, opts, num_items_in_batch, chunk_size, accum_dtype,
     )
     if return_components:
         return KDLossOutput(loss, kd_loss, ce_loss)

@@ -110,6 +110,16 @@ def test_components_and_reduction_none_recompute_in_backward(backend, reduction)
         torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-4)
 
 
+def test_components_returned_but_only_loss_differentiated(backend):
+    inputs = make_inputs(seed=10)
+    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3, chunk_size=8)
+    out = fused_linear_contrastive_kd_loss(**inputs, backend=backend, return_components=True, **options)
+    grads = torch.autograd.grad(out.loss, student_params(inputs))  # the gradients computed in forward
+    _, _, expected, _ = run_both(backend, inputs, **options)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_num_items_in_batch_and_no_bias_no_negative(backend):
     inputs = make_inputs(bias=False, seed=2)
     inputs["teacher_negative_hidden"] = None

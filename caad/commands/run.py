@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: caad run --config configs/demo.yaml stage2.alpha=0 output_dir=runs/kd-baseline",
     )
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.lr=3e-4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.lr=3e-4"
+    )
     parser.set_defaults(func=_run)
 
 

@@ -13,13 +13,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Stage 2 of CAAD: synchronised teacher forcing on prompt + pseudo-GT, the teacher's "
         "positive and negative paths in one forward, the fused-linear contrastive KD loss, DeepSpeed ZeRO "
         "0-3 for the student. Reads the `stage2` section of the config (train_manifest, teacher, student, "
-        "output_dir, loss and optimisation settings). One process as is; many with `deepspeed` or `torchrun`.",
-        epilog="example: caad stage2 --config configs/demo.yaml stage2.train_manifest=runs/x/stage1/train.jsonl "
-        "stage2.teacher=runs/x/warmup/final stage2.student=runs/x/models/student_init stage2.output_dir=runs/s2",
+        "output_dir, loss and optimisation settings). One process as is; many with `deepspeed` or "
+        "`torchrun`.",
+        epilog="example: caad stage2 --config configs/demo.yaml "
+        "stage2.train_manifest=runs/x/stage1/train.jsonl stage2.teacher=runs/x/warmup/final "
+        "stage2.student=runs/x/models/student_init stage2.output_dir=runs/s2",
     )
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue the run in stage2.output_dir")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.lr=3e-4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stage2.lr=3e-4"
+    )
     parser.set_defaults(func=_run)
 
 

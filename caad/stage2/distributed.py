@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "find_free_port", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "find_free_port", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,17 @@ def all_reduce_sum(value: float | int | torch.Tensor, device: torch.device) -> t
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable; no-op without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -33,7 +33,9 @@ def model_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.precision == "bf16" else torch.float32
 
 
-def deepspeed_config(config: TrainConfig, *, zero_stage: int | None = None, train: bool = True) -> dict[str, Any]:
+def deepspeed_config(
+    config: TrainConfig, *, zero_stage: int | None = None, train: bool = True
+) -> dict[str, Any]:
     """The DeepSpeed config dict for the student (``train``) or the ZeRO-3 teacher (inference)."""
     stage = config.zero_stage if zero_stage is None else zero_stage
     zero: dict[str, Any] = {"stage": stage}

@@ -70,7 +70,9 @@ def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
-def plot_losses(metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str = "Stage 2") -> Path | None:
+def plot_losses(
+    metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str = "Stage 2"
+) -> Path | None:
     """Plot total, KD and CE loss (and the learning rate) against the step; ``None`` with no records."""
     records = [r for r in read_metrics(metrics) if "loss" in r]
     if not records:

@@ -30,6 +30,7 @@ count. DeepSpeed averages gradients over the ``W`` data-parallel ranks, so the l
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -42,9 +43,9 @@ import torch
 
 from caad.cli import UserError
 from caad.config import TrainConfig, dump_config
-from caad.models import SpeechLM
+from caad.models import SpeechLM, TargetHiddenStates
 from caad.stage2.data import PseudoGTDataset, StepBatch, StepPlan, build_step_batch
-from caad.stage2.distributed import all_reduce_sum, barrier, init_distributed
+from caad.stage2.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from caad.stage2.engine import (
     build_student_engine,
     build_teacher,
@@ -56,7 +57,7 @@ from caad.stage2.metrics import MetricsLogger, plot_losses, truncate_metrics
 from caad.stage2.outputs import check_output_dir, prepare_output_dir
 from caad_kernels import fused_linear_contrastive_kd_loss
 
-__all__ = ["Stage2Result", "Stage2Trainer", "train_stage2"]
+__all__ = ["Stage2Result", "Stage2Trainer", "distillation_loss", "teacher_forward", "train_stage2"]
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -78,24 +79,39 @@ class Stage2Result:
     last: dict[str, Any]
 
 
-def train_stage2(config: TrainConfig, *, resume: bool = False, name: str = "stage 2") -> Stage2Result:
-    """Run Stage 2 (or, with ``kd_weight: 0``, CE-only fine-tuning) as configured; see the module docstring."""
-    return Stage2Trainer(config, resume=resume, name=name).train()
+def train_stage2(
+    config: TrainConfig, *, resume: bool = False, name: str = "stage 2", section: str = "stage2"
+) -> Stage2Result:
+    """Run Stage 2 (or, with ``kd_weight: 0``, CE-only fine-tuning) as configured (module docstring).
+
+    ``section`` is the config section the settings came from (``stage2`` or ``warmup``): error
+    messages name its keys.
+    """
+    return Stage2Trainer(config, resume=resume, name=name, section=section).train()
 
 
 class Stage2Trainer:
     """One training run. ``config`` must have passed :meth:`TrainConfig.validate`."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, name: str = "stage 2") -> None:
-        config.validate("stage2")
-        config.check_paths("stage2")
+    def __init__(
+        self, config: TrainConfig, *, resume: bool = False, name: str = "stage 2", section: str = "stage2"
+    ) -> None:
+        config.validate(section)
+        config.check_paths(section)
         self.config = config
         self.resume = resume
         self.name = name
+        self.section = section
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / CHECKPOINTS
-        # refuse an existing run's folder before anything is loaded or written
-        check_output_dir(self.output_dir, overwrite=config.overwrite, resume=resume, key="stage2.output_dir")
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # refuse an earlier run's folder before anything is loaded (several ranks: in _prepare_output)
+            check_output_dir(
+                self.output_dir, overwrite=config.overwrite, resume=resume, key=self._key("output_dir")
+            )
+
+    def _key(self, name: str) -> str:
+        return f"{self.section}.{name}"
 
     # ---- the recipe -------------------------------------------------------------------------------------
 
@@ -120,9 +136,10 @@ class Stage2Trainer:
         )
         if self.plan.steps_per_epoch == 0:
             raise UserError(
-                f"stage2.train_manifest {cfg.train_manifest} has {len(self.dataset)} examples, fewer than one "
-                f"optimizer step needs (batch_size {cfg.batch_size} x {self.dist.world_size} ranks x grad_accum "
-                f"{cfg.grad_accum} = {self.plan.global_batch}); lower batch_size or grad_accum"
+                f"{self._key('train_manifest')} {cfg.train_manifest} has {len(self.dataset)} examples, "
+                f"fewer than one optimizer step needs (batch_size {cfg.batch_size} x "
+                f"{self.dist.world_size} ranks x grad_accum {cfg.grad_accum} = {self.plan.global_batch}); "
+                "lower batch_size or grad_accum"
             )
         total_steps = self.plan.total_steps
 
@@ -134,7 +151,11 @@ class Stage2Trainer:
         start_step = self._load_checkpoint() if self.resume else 0
         self._check_vocabularies()
 
-        logger = MetricsLogger(self.output_dir / METRICS, tensorboard=cfg.tensorboard) if self.dist.is_main else None
+        logger = (
+            MetricsLogger(self.output_dir / METRICS, tensorboard=cfg.tensorboard)
+            if self.dist.is_main
+            else None
+        )
         bar = self._progress_bar(start_step, total_steps)
         last: dict[str, Any] = {}
         try:
@@ -142,7 +163,9 @@ class Stage2Trainer:
             for step in range(start_step, total_steps):
                 started = time.perf_counter()
                 micro_batches = self._build_step(step)  # a
-                num_items = int(all_reduce_sum(sum(b.num_targets for b in micro_batches), self.dist.device))  # b
+                num_items = int(
+                    all_reduce_sum(sum(b.num_targets for b in micro_batches), self.dist.device)
+                )  # b
                 with_components = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
                 lr = self.scheduler.get_last_lr()[0]  # the LR of this step (the engine steps the schedule)
                 sums = torch.zeros(3, dtype=torch.float64)
@@ -191,7 +214,9 @@ class Stage2Trainer:
                     self.student,
                     self.teacher,
                     negative_mode=cfg.negative_mode if cfg.alpha > 0 else None,
-                    noise_seed=cfg.noise_seed + (step * cfg.grad_accum + micro) * self.dist.world_size + self.dist.rank,
+                    noise_seed=cfg.noise_seed
+                    + (step * cfg.grad_accum + micro) * self.dist.world_size
+                    + self.dist.rank,
                     device=self.dist.device,
                     student_dtype=self.dtype,
                 )
@@ -200,56 +225,13 @@ class Stage2Trainer:
 
     def _micro_step(self, batch: StepBatch, num_items: int, with_components: bool) -> torch.Tensor:
         """Forward, loss and backward of one micro-batch; returns its ``[total, kd, ce]`` loss sums / N."""
-        cfg = self.config
         # the teacher: positive and negative paths in one batched forward, no gradient
-        teacher_pos = teacher_neg = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                if batch.teacher_negative is not None:
-                    teacher_pos, teacher_neg = self.teacher.paired_target_hidden_states(
-                        batch.teacher_positive, batch.teacher_negative
-                    )
-                else:
-                    teacher_pos = self.teacher.target_hidden_states(batch.teacher_positive)
+        teacher_out = teacher_forward(self.teacher, batch)
         # the student: positive path, with gradient (through the engine, so ZeRO-3 fetches weights)
         student_out = self.engine(batch.student)
-        student_hidden, labels = student_out.hidden, student_out.labels.to(student_out.hidden.device)
-
         with gathered_lm_heads(self.student, self.teacher):
-            if teacher_pos is None:
-                # CE only: no teacher; the KD term (weight 0) is computed against the student itself
-                teacher_hidden, teacher_weight, teacher_bias = (
-                    student_hidden.detach(),
-                    self.student.lm_head_weight.detach(),
-                    None if self.student.lm_head_bias is None else self.student.lm_head_bias.detach(),
-                )
-                negative_hidden = None
-            else:
-                teacher_hidden, teacher_weight = teacher_pos.hidden, self.teacher.lm_head_weight
-                teacher_bias = self.teacher.lm_head_bias
-                negative_hidden = None if teacher_neg is None else teacher_neg.hidden
-            out = fused_linear_contrastive_kd_loss(
-                student_hidden,
-                self.student.lm_head_weight,
-                teacher_hidden,
-                teacher_weight,
-                negative_hidden,
-                labels,
-                student_bias=self.student.lm_head_bias,
-                teacher_bias=teacher_bias,
-                alpha=cfg.alpha if negative_hidden is not None else 0.0,
-                temperature=cfg.temperature,
-                beta=cfg.beta,
-                plausibility=cfg.plausibility,
-                kd_weight=cfg.kd_weight,
-                ce_weight=cfg.ce_weight,
-                temperature_scaling=cfg.temperature_scaling,
-                num_items_in_batch=num_items,
-                chunk_size=cfg.loss_chunk_size,
-                accum_dtype=torch.float32 if self.dtype != torch.float32 else None,
-                backend=cfg.loss_backend,
-                return_components=with_components,
-                check_finite=False,
+            out = distillation_loss(
+                student_out, self.student, teacher_out, self.teacher, self.config, num_items, with_components
             )
             loss = out.loss if with_components else out
             # DeepSpeed averages gradients over ranks: undo it, the divisor N already spans them
@@ -260,7 +242,13 @@ class Stage2Trainer:
         return torch.tensor([float(loss.detach()), float("nan"), float("nan")], dtype=torch.float64)
 
     def _record(
-        self, step: int, totals: torch.Tensor, with_components: bool, lr: float, targets: int, tokens: int,
+        self,
+        step: int,
+        totals: torch.Tensor,
+        with_components: bool,
+        lr: float,
+        targets: int,
+        tokens: int,
         elapsed: float,
     ) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -283,24 +271,33 @@ class Stage2Trainer:
     # ---- setup helpers ----------------------------------------------------------------------------------
 
     def _prepare_output(self) -> None:
-        """Create or clear the output folder (main rank), record the config; resuming checks it first."""
+        """Create or clear the output folder (main rank), record the config; resuming checks it first.
+
+        A refusal on the main rank is raised on every rank (no rank is left waiting).
+        """
+        error = None
         if self.dist.is_main:
-            action = prepare_output_dir(
-                self.output_dir,
-                overwrite=self.config.overwrite,
-                resume=self.resume,
-                key="stage2.output_dir",
-                kind="stage2",
-            )
-            if action == "resume":
-                self._check_resume_config()
-            dump_config(self.config, self.output_dir / "config.yaml")
-            (self.output_dir / "run_info.json").write_text(
-                json.dumps({"world_size": self.dist.world_size, "name": self.name}) + "\n", encoding="utf-8"
-            )
-        barrier()
+            try:
+                action = prepare_output_dir(
+                    self.output_dir,
+                    overwrite=self.config.overwrite,
+                    resume=self.resume,
+                    key=self._key("output_dir"),
+                    kind="stage2",
+                )
+                if action == "resume":
+                    self._check_resume_config()
+                dump_config(self.config, self.output_dir / "config.yaml")
+                info = {"world_size": self.dist.world_size, "name": self.name}
+                (self.output_dir / "run_info.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+            except UserError as caught:
+                error = str(caught)
+        error = broadcast_object(error)
+        if error is not None:
+            raise UserError(error)
 
     def _check_resume_config(self) -> None:
+        """A resumed run must keep what fixes its data order (:data:`RESUME_INVARIANTS`, world size)."""
         path = self.output_dir / "config.yaml"
         info_path = self.output_dir / "run_info.json"
         if not path.is_file():
@@ -316,7 +313,8 @@ class Stage2Trainer:
                 changed.append(f"world size ({world} -> {self.dist.world_size})")
         if changed:
             raise UserError(
-                f"--resume: {self.output_dir} was trained with different {', '.join(changed)}; resuming would "
+                f"--resume: {self.output_dir} was trained with different {', '.join(changed)}; "
+                "resuming would "
                 "not continue the same data order. Use the same settings, or start a new output_dir"
             )
 
@@ -347,18 +345,22 @@ class Stage2Trainer:
             save_student(self.engine, tag_dir / "student", is_main=self.dist.is_main)
         barrier()
         if self.dist.is_main and self.config.keep_checkpoints:
-            tags = sorted(p for p in self.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+            tags = sorted(
+                p for p in self.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+            )
             for old in tags[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
 
     def _load_checkpoint(self) -> int:
-        """Restore the engine, optimizer, scheduler and RNG from the latest checkpoint; the step to resume at."""
+        """Restore engine, optimizer, scheduler and RNG from the latest checkpoint; returns the next step."""
         latest = self.checkpoint_dir / "latest"
         if not latest.is_file():
             if self.dist.is_main:
                 truncate_metrics(self.output_dir / METRICS, 0)
-                print(f"{self.name}: --resume: no checkpoint in {self.checkpoint_dir} yet, starting from step 0")
+                print(
+                    f"{self.name}: --resume: no checkpoint in {self.checkpoint_dir} yet, starting from step 0"
+                )
             return 0
         tag = latest.read_text(encoding="utf-8").strip()
         path, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
@@ -372,6 +374,81 @@ class Stage2Trainer:
             truncate_metrics(self.output_dir / METRICS, step)
             print(f"{self.name}: resumed from {self.checkpoint_dir / tag} (step {step})")
         return step
+
+
+def teacher_forward(
+    teacher: SpeechLM | None, batch: StepBatch
+) -> tuple[TargetHiddenStates, TargetHiddenStates | None] | None:
+    """The teacher's target hidden states under ``no_grad``: ``(positive, negative)``.
+
+    Both paths run in ONE batched forward (:meth:`SpeechLM.paired_target_hidden_states`); without a
+    negative batch (alpha 0) only the positive path runs and ``negative`` is ``None``; ``None``
+    without a teacher.
+    """
+    if teacher is None:
+        return None
+    with torch.no_grad():
+        if batch.teacher_negative is not None:
+            return teacher.paired_target_hidden_states(batch.teacher_positive, batch.teacher_negative)
+        return teacher.target_hidden_states(batch.teacher_positive), None
+
+
+def distillation_loss(
+    student_out: TargetHiddenStates,
+    student: SpeechLM,
+    teacher_out: tuple[TargetHiddenStates, TargetHiddenStates | None] | None,
+    teacher: SpeechLM | None,
+    config: TrainConfig,
+    num_items: int | None = None,
+    return_components: bool = True,
+) -> Any:
+    """The CAAD loss of one micro-batch from target hidden states and ``lm_head`` weights (no logits).
+
+    ``fused_linear_contrastive_kd_loss`` with the student's and the teacher's ``lm_head`` weight and
+    bias (gather them first under ZeRO-3: :func:`caad.stage2.engine.gathered_lm_heads`) and the
+    config's loss options; ``num_items`` is the label-token count of the whole accumulated batch
+    over all ranks (``None``: this micro-batch's). Without a teacher (``kd_weight: 0``) the KD term
+    has weight 0 and is computed against the student itself, so only CE remains. Returns a
+    ``KDLossOutput`` (loss, kd_loss, ce_loss) with ``return_components``, else the loss tensor.
+    """
+    student_hidden = student_out.hidden
+    labels = student_out.labels.to(student_hidden.device)
+    if teacher_out is None:
+        bias = student.lm_head_bias
+        teacher_hidden, teacher_weight = student_hidden.detach(), student.lm_head_weight.detach()
+        teacher_bias = None if bias is None else bias.detach()
+        negative_hidden = None
+    else:
+        positive, negative = teacher_out
+        teacher_hidden, teacher_weight, teacher_bias = (
+            positive.hidden,
+            teacher.lm_head_weight,
+            teacher.lm_head_bias,
+        )
+        negative_hidden = None if negative is None else negative.hidden
+    return fused_linear_contrastive_kd_loss(
+        student_hidden,
+        student.lm_head_weight,
+        teacher_hidden,
+        teacher_weight,
+        negative_hidden,
+        labels,
+        student_bias=student.lm_head_bias,
+        teacher_bias=teacher_bias,
+        alpha=config.alpha if negative_hidden is not None else 0.0,
+        temperature=config.temperature,
+        beta=config.beta,
+        plausibility=config.plausibility,
+        kd_weight=config.kd_weight,
+        ce_weight=config.ce_weight,
+        temperature_scaling=config.temperature_scaling,
+        num_items_in_batch=num_items,
+        chunk_size=config.loss_chunk_size,
+        accum_dtype=torch.float32 if student_hidden.dtype != torch.float32 else None,
+        backend=config.loss_backend,
+        return_components=return_components,
+        check_finite=False,
+    )
 
 
 def _tag(step: int) -> str:
