@@ -62,9 +62,7 @@ class Row:
 
     @property
     def sort_key(self) -> tuple:
-        order = (
-            IMPL_ORDER.index(self.implementation) if self.implementation in IMPL_ORDER else len(IMPL_ORDER)
-        )
+        order = impl_rank(self.implementation)
         return (
             self.op,
             self.config,
@@ -178,121 +176,9 @@ def header(data: dict, source: Path, argv: list[str]) -> list[str]:
     return lines
 
 
-def plot_sweeps(rows: list[Row], out: Path, stem: str) -> list[Path]:
-    """One PNG per (op, config, mode) that has a sweep: time and peak memory against N and V."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import LogFormatter, NullLocator
-    except ImportError:
-        print("matplotlib is not installed: no plots written", file=sys.stderr)
-        return []
-    written = []
-    keys = sorted({(row.op, row.config, row.mode, row.dtype) for row in rows})
-    for op, config, mode, dtype in keys:
-        subset = [
-            row for row in rows if (row.op, row.config, row.mode, row.dtype) == (op, config, mode, dtype)
-        ]
-        axes_present = [
-            axis
-            for axis in ("N", "V")
-            if len({(r.n if axis == "N" else r.v) for r in subset if axis in r.sweeps}) >= 2
-        ]
-        if not axes_present:
-            continue
-        fig, grid = plt.subplots(2, len(axes_present), figsize=(6.2 * len(axes_present), 8), squeeze=False)
-        for col, axis in enumerate(axes_present):
-            swept = [row for row in subset if axis in row.sweeps]
-            fixed = _fixed_dims(swept, axis)
-            for line_row, (metric, label) in enumerate(
-                (("time", "median time (ms)"), ("peak", "peak memory (MiB)"))
-            ):
-                ax = grid[line_row][col]
-                for impl in sorted({r.implementation for r in swept}, key=_impl_rank):
-                    points = sorted(
-                        ((r.n if axis == "N" else r.v), _metric(r, metric))
-                        for r in swept
-                        if r.implementation == impl
-                    )
-                    points = [(x, y) for x, y in points if y is not None]
-                    if points:
-                        style = "-" if impl.startswith("ours") else "--"
-                        ax.plot(
-                            [p[0] for p in points],
-                            [p[1] for p in points],
-                            style,
-                            marker="o",
-                            label=impl,
-                            color=_color(impl),
-                        )
-                if metric == "time":
-                    bounds = sorted(
-                        {((r.n if axis == "N" else r.v), r.bound_s * 1e3) for r in swept if r.bound_s}
-                    )
-                    if bounds:
-                        ax.plot(
-                            [b[0] for b in bounds],
-                            [b[1] for b in bounds],
-                            ":",
-                            color="black",
-                            label="hardware bound",
-                        )
-                ax.set_xscale("log", base=2)
-                ticks = sorted({(r.n if axis == "N" else r.v) for r in swept})
-                ax.set_xticks(ticks, [_short(t) for t in ticks])
-                ax.xaxis.set_minor_locator(NullLocator())
-                ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-                ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
-                ax.set_yscale("log")
-                ax.set_xlabel(f"{axis} ({fixed})")
-                ax.set_ylabel(label)
-                ax.set_title(f"{label.split(' (')[0]} vs {axis}")
-                ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=8)
-        fig.suptitle(f"{_op_name(op)} — {mode}, config '{config}', {dtype}")
-        fig.tight_layout()
-        path = out / f"{stem}_{op}_{config}_{mode.replace('+', '-')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _color(name: str) -> str:
-    """A fixed colour per implementation, the same in every plot."""
-    palette = ["#1f77b4", "#2ca02c", "#17becf", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    return palette[_impl_rank(name) % len(palette)] if name in IMPL_ORDER else "#7f7f7f"
-
-
-def _short(value: int) -> str:
-    """1024 -> "1k", 128256 -> "128256", 262144 -> "256k": exact multiples of 1024 get a k."""
-    return f"{value // 1024}k" if value % 1024 == 0 else str(value)
-
-
-def _impl_rank(name: str) -> int:
+def impl_rank(name: str) -> int:
+    """Position of an implementation in tables and legends: ours, then the baselines, then Liger."""
     return IMPL_ORDER.index(name) if name in IMPL_ORDER else len(IMPL_ORDER)
-
-
-def _metric(row: Row, metric: str) -> float | None:
-    if metric == "time":
-        return row.median_s * 1e3
-    return None if row.peak_bytes is None else max(row.peak_bytes / MIB, 1e-3)
-
-
-def _fixed_dims(rows: list[Row], axis: str) -> str:
-    row = rows[0]
-    parts = [] if axis == "N" else [f"N={row.n}"]
-    if row.op == "fused":
-        parts.append(f"H={row.h_s}" if row.h_s == row.h_t else f"H={row.h_s}/{row.h_t}")
-    if axis == "N":
-        parts.append(f"V={row.v}")
-    return ", ".join(parts)
-
-
-def _op_name(op: str) -> str:
-    return "contrastive_kd_loss (logits)" if op == "logits" else "fused_linear_contrastive_kd_loss"
 
 
 def write_report(source: Path, out: Path, argv: list[str]) -> Path:
@@ -301,6 +187,8 @@ def write_report(source: Path, out: Path, argv: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = source.stem
     speedup = speedups(rows)
+    from bench.plots import plot_sweeps
+
     plots = plot_sweeps(rows, out, stem)
     lines = header(data, source, argv)
     headline = [row for row in rows if row.headline]

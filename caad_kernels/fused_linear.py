@@ -144,17 +144,31 @@ class _FusedLinearFunction(torch.autograd.Function):
         out = []
         for grad, shape in ((grad_h, ctx.shapes[0]), (grad_w, None), (grad_b, None)):
             if grad is not None:
-                if scale is not None:
-                    grad = grad * scale.to(grad.dtype)
+                if scale is not None:  # the buffers are the op's own: scale them in place
+                    grad = grad.mul_(scale.to(grad.dtype))
                 if shape is not None:
                     grad = grad.reshape(shape)
             out.append(grad)
         return (*out, *none)
 
 
+def _chunk_logits(h_s, w_s, b_s, h_t, h_n, w_t, b_t, start, stop):
+    """The three paths' logits for rows ``[start, stop)``: ``chunk x V`` each, teacher paths in one GEMM."""
+    with torch.no_grad():
+        logits = _linear(h_s[start:stop], w_s, b_s)
+        if h_n is None:
+            return logits, _linear(h_t[start:stop], w_t, b_t), None
+        both = _linear(torch.cat([h_t[start:stop], h_n[start:stop]]), w_t, b_t)
+        return logits, both[: stop - start], both[stop - start :]
+
+
 def _chunk_loop(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, params, backend, chunk_size, accum_dtype, needs,
                 coef_kd, coef_ce):
-    """One pass over the row chunks: per-row losses, and the gradients when coefficients are given."""
+    """One pass over the row chunks: per-row losses, and the gradients when coefficients are given.
+
+    Each chunk's logits are dropped before the next chunk's are made, so at most one chunk of each
+    path is alive at a time.
+    """
     rows = h_s.shape[0]
     device = h_s.device
     loss_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
@@ -162,48 +176,46 @@ def _chunk_loop(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, params, backend, chun
     ce = torch.empty(rows, dtype=loss_dtype, device=device)
     with_grad = coef_kd is not None
     grad_h = torch.empty_like(h_s) if with_grad and needs[0] else None
-    w_dtype = accum_dtype or w_s.dtype
-    grad_w = torch.zeros(w_s.shape, dtype=w_dtype, device=device) if with_grad and needs[1] else None
+    grad_w = torch.zeros(w_s.shape, dtype=accum_dtype or w_s.dtype, device=device) \
+        if with_grad and needs[1] else None
     grad_b = torch.zeros(b_s.shape, dtype=accum_dtype or b_s.dtype, device=device) \
         if with_grad and b_s is not None and needs[2] else None
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
-        h_chunk = h_s[start:stop]
-        with torch.no_grad():
-            logits = _linear(h_chunk, w_s, b_s)
-            if h_n is None:
-                z_pos, z_neg = _linear(h_t[start:stop], w_t, b_t), None
-            else:
-                both = _linear(torch.cat([h_t[start:stop], h_n[start:stop]]), w_t, b_t)
-                z_pos, z_neg = both[: stop - start], both[stop - start :]
         chunk_labels = None if labels is None else labels[start:stop]
-        s_rows, t_rows, n_rows = as_row_views(logits, z_pos, z_neg)
+        logits, z_pos, z_neg = _chunk_logits(h_s, w_s, b_s, h_t, h_n, w_t, b_t, start, stop)
+        views = as_row_views(logits, z_pos, z_neg)
         if not with_grad:
-            kd[start:stop], ce[start:stop], _ = backend.forward_rows(s_rows, t_rows, n_rows, chunk_labels, params)
-            continue
-        # the gradient overwrites the student logits of this chunk: they are not needed afterwards
-        coefs = (coef_kd[start:stop], coef_ce[start:stop])
-        if hasattr(backend, "loss_and_grad_rows"):  # one launch, each chunk read once
-            kd_c, ce_c, _ = backend.loss_and_grad_rows(s_rows, t_rows, n_rows, chunk_labels, *coefs, params, logits)
+            kd[start:stop], ce[start:stop], _ = backend.forward_rows(*views, chunk_labels, params)
         else:
-            kd_c, ce_c, stats = backend.forward_rows(s_rows, t_rows, n_rows, chunk_labels, params)
-            backend.backward_rows(s_rows, t_rows, n_rows, chunk_labels, stats, *coefs, params, logits)
-        kd[start:stop], ce[start:stop] = kd_c, ce_c
-        grad_logits = logits
-        if grad_h is not None:
-            torch.mm(grad_logits, w_s, out=grad_h[start:stop])
-        if grad_w is not None:
-            if grad_w.dtype == grad_logits.dtype:
-                grad_w.addmm_(grad_logits.T, h_chunk)
+            # the gradient overwrites the student logits of this chunk: they are not needed afterwards
+            coefs = (coef_kd[start:stop], coef_ce[start:stop])
+            if hasattr(backend, "loss_and_grad_rows"):  # one pass, each chunk read once
+                kd_c, ce_c, _ = backend.loss_and_grad_rows(*views, chunk_labels, *coefs, params, logits)
             else:
-                grad_w.add_(grad_logits.T @ h_chunk)
-        if grad_b is not None:
-            grad_b.add_(grad_logits.sum(0, dtype=grad_b.dtype))
+                kd_c, ce_c, stats = backend.forward_rows(*views, chunk_labels, params)
+                backend.backward_rows(*views, chunk_labels, stats, *coefs, params, logits)
+            kd[start:stop], ce[start:stop] = kd_c, ce_c
+            _accumulate_grads(logits, h_s[start:stop], w_s, grad_h, grad_w, grad_b, start, stop)
+        del logits, z_pos, z_neg, views
     # autograd hands parameters gradients of their own dtype: accum_dtype only sets the precision of the
     # sum across chunks
     grad_w = None if grad_w is None else grad_w.to(w_s.dtype)
     grad_b = None if grad_b is None else grad_b.to(b_s.dtype)
     return kd, ce, (grad_h, grad_w, grad_b)
+
+
+def _accumulate_grads(grad_logits, h_chunk, w_s, grad_h, grad_w, grad_b, start, stop):
+    """Hidden-state gradient rows of this chunk; weight and bias gradients summed across chunks."""
+    if grad_h is not None:
+        torch.mm(grad_logits, w_s, out=grad_h[start:stop])
+    if grad_w is not None:
+        if grad_w.dtype == grad_logits.dtype:
+            grad_w.addmm_(grad_logits.T, h_chunk)
+        else:
+            grad_w.add_(grad_logits.T @ h_chunk)
+    if grad_b is not None:
+        grad_b.add_(grad_logits.sum(0, dtype=grad_b.dtype))
 
 
 def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_negative_hidden, labels,

@@ -3,10 +3,13 @@
 CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 
 CPU: the process's resident-set high-water mark (``VmHWM``), reset through
-``/proc/self/clear_refs`` just before the call, above the resident set at that moment; freed
-heap memory is first handed back to the kernel (``malloc_trim``) so that the figure counts memory
-the call really touched, not pages recycled from earlier work. Linux only; it measures the whole
-process, so run nothing else concurrently (other threads' allocations count too).
+``/proc/self/clear_refs`` just before the call, above the resident set at that moment. So that
+the resident set follows the live tensors, glibc is told (once, for the rest of the process) to
+serve every allocation of 1 MiB or more with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``,
+which also stops glibc from raising that threshold as big blocks are freed), so freed tensors go
+back to the kernel at once instead of lingering in a fragmented heap; freed heap memory is
+handed back first too (``malloc_trim``). Linux only; it measures the whole process, so run
+nothing else concurrently (other threads' allocations count too).
 """
 
 from __future__ import annotations
@@ -30,10 +33,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
 def _trim_heap() -> None:
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
