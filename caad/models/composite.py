@@ -23,7 +23,6 @@ from transformers import (
     AutoModelForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     WhisperConfig,
 )
 from transformers.configuration_utils import SubConfigSpec
@@ -32,10 +31,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from caad.models.interface import (
     IGNORE_INDEX,
-    SpeechLM,
+    WhisperAudioSpeechLM,
     load_tokenizer,
     register_speech_lm,
-    whisper_feature_extractor,
 )
 
 MODEL_TYPE = "caad_composite_speech_lm"
@@ -236,28 +234,12 @@ AutoModelForCausalLM.register(CompositeSpeechLMConfig, CompositeSpeechLMForCausa
 
 
 @register_speech_lm
-class CompositeSpeechLM(SpeechLM):
+class CompositeSpeechLM(WhisperAudioSpeechLM):
     """:class:`CompositeSpeechLMForCausalLM` behind the :class:`~caad.models.interface.SpeechLM` interface."""
 
     model_type = MODEL_TYPE
+    model_class = CompositeSpeechLMForCausalLM
     model: CompositeSpeechLMForCausalLM
-
-    def __init__(self, model: CompositeSpeechLMForCausalLM, tokenizer: PreTrainedTokenizerBase) -> None:
-        if not isinstance(model, CompositeSpeechLMForCausalLM):
-            raise TypeError(f"model must be a CompositeSpeechLMForCausalLM, got {type(model).__name__}")
-        audio_config = model.config.audio_config
-        feature_extractor = whisper_feature_extractor(
-            audio_config.num_mel_bins, 2 * audio_config.max_source_positions
-        )
-        super().__init__(model, tokenizer, feature_extractor)
-
-    @property
-    def audio_token_id(self) -> int:
-        return int(self.model.config.audio_token_id)
-
-    @property
-    def window_frames(self) -> int:
-        return 2 * int(self.model.config.audio_config.max_source_positions)
 
     def num_audio_tokens(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         return self.model.num_audio_tokens(feature_lengths)

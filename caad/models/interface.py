@@ -663,6 +663,32 @@ class SpeechLM(nn.Module):
 _REGISTRY: dict[str, type[SpeechLM]] = {}
 
 
+class WhisperAudioSpeechLM(SpeechLM):
+    """A :class:`SpeechLM` whose audio side follows Whisper's config (``config.audio_config``,
+    ``config.audio_token_id``): the feature extractor, the audio window and the audio token come
+    from the wrapped model's config. Subclasses set ``model_class``."""
+
+    #: the Hugging Face model class a subclass wraps
+    model_class: type[PreTrainedModel] = PreTrainedModel
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not isinstance(model, self.model_class):
+            raise TypeError(f"model must be a {self.model_class.__name__}, got {type(model).__name__}")
+        audio_config = model.config.audio_config
+        feature_extractor = whisper_feature_extractor(
+            audio_config.num_mel_bins, 2 * audio_config.max_source_positions
+        )
+        super().__init__(model, tokenizer, feature_extractor)
+
+    @property
+    def audio_token_id(self) -> int:
+        return int(self.model.config.audio_token_id)
+
+    @property
+    def window_frames(self) -> int:
+        return 2 * int(self.model.config.audio_config.max_source_positions)
+
+
 def register_speech_lm(cls: type[SpeechLM]) -> type[SpeechLM]:
     """Class decorator: :func:`load_speech_lm` loads ``config.model_type == cls.model_type`` with ``cls``."""
     _REGISTRY[cls.model_type] = cls
@@ -738,4 +764,5 @@ __all__ = [
     "load_speech_lm",
     "position_ids_from_mask",
     "whisper_feature_extractor",
+    "WhisperAudioSpeechLM",
 ]

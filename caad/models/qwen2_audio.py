@@ -13,34 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2AudioForConditionalGeneration
+from transformers import Qwen2AudioForConditionalGeneration
 
-from caad.models.interface import SpeechLM, load_tokenizer, register_speech_lm, whisper_feature_extractor
+from caad.models.interface import WhisperAudioSpeechLM, load_tokenizer, register_speech_lm
 
 
 @register_speech_lm
-class Qwen2AudioSpeechLM(SpeechLM):
+class Qwen2AudioSpeechLM(WhisperAudioSpeechLM):
     """A Qwen2-Audio model (``model``) with its tokenizer and a Whisper feature extractor from its config."""
 
     model_type = "qwen2_audio"
+    model_class = Qwen2AudioForConditionalGeneration
     model: Qwen2AudioForConditionalGeneration
-
-    def __init__(self, model: Qwen2AudioForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
-        if not isinstance(model, Qwen2AudioForConditionalGeneration):
-            raise TypeError(f"model must be a Qwen2AudioForConditionalGeneration, got {type(model).__name__}")
-        audio_config = model.config.audio_config
-        feature_extractor = whisper_feature_extractor(
-            audio_config.num_mel_bins, 2 * audio_config.max_source_positions
-        )
-        super().__init__(model, tokenizer, feature_extractor)
-
-    @property
-    def audio_token_id(self) -> int:
-        return int(self.model.config.audio_token_id)
-
-    @property
-    def window_frames(self) -> int:
-        return 2 * int(self.model.config.audio_config.max_source_positions)
 
     def num_audio_tokens(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         frames = (feature_lengths.long() - 1) // 2 + 1
