@@ -32,7 +32,6 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from caad.models.interface import (
     IGNORE_INDEX,
     WhisperAudioSpeechLM,
-    load_tokenizer,
     register_speech_lm,
 )
 
@@ -264,8 +263,3 @@ class CompositeSpeechLM(WhisperAudioSpeechLM):
             use_cache=use_cache,
         )
         return out.last_hidden_state, out.past_key_values
-
-    @classmethod
-    def _load(cls, path: str, dtype: torch.dtype | None = None, **kwargs: Any) -> CompositeSpeechLM:
-        model = CompositeSpeechLMForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-        return cls(model, load_tokenizer(path))

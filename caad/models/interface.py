@@ -688,6 +688,11 @@ class WhisperAudioSpeechLM(SpeechLM):
     def window_frames(self) -> int:
         return 2 * int(self.model.config.audio_config.max_source_positions)
 
+    @classmethod
+    def _load(cls, path: str, dtype: torch.dtype | None = None, **kwargs: Any) -> WhisperAudioSpeechLM:
+        model = cls.model_class.from_pretrained(path, local_files_only=True, dtype=dtype)
+        return cls(model, load_tokenizer(path))
+
 
 def register_speech_lm(cls: type[SpeechLM]) -> type[SpeechLM]:
     """Class decorator: :func:`load_speech_lm` loads ``config.model_type == cls.model_type`` with ``cls``."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import Qwen2AudioForConditionalGeneration
 
-from caad.models.interface import WhisperAudioSpeechLM, load_tokenizer, register_speech_lm
+from caad.models.interface import WhisperAudioSpeechLM, register_speech_lm
 
 
 @register_speech_lm
@@ -52,8 +52,3 @@ class Qwen2AudioSpeechLM(WhisperAudioSpeechLM):
             use_cache=use_cache,
         )
         return out.last_hidden_state, out.past_key_values
-
-    @classmethod
-    def _load(cls, path: str, dtype: torch.dtype | None = None, **kwargs: Any) -> Qwen2AudioSpeechLM:
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
-        return cls(model, load_tokenizer(path))
