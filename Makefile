@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-export TRITON_INTERPRET ?= 1
+
 
 .PHONY: test lint demo bench report clean
 
