@@ -10,6 +10,15 @@ Audio path, per clip: log-mel ``[n_mels, 2 * S]`` (``S = audio_config.max_source
 ``[ceil(S / k), k * D]`` -> ``Linear -> GELU -> Linear`` to the LM width. A clip with ``L`` real mel
 frames keeps ``ceil(((L - 1) // 2 + 1) / k)`` audio tokens. Whisper's encoder attends over the whole
 fixed window (it has no padding mask), so a clip's features do not depend on the rest of the batch.
+
+The LM is any causal LM built into transformers (``AutoModelForCausalLM``); ``forward`` is the LM's
+own forward on the merged embeddings, so its logit post-processing (Cohere's scale, Granite's
+``logits_scaling``, Gemma-2's soft-cap) and loss apply as the checkpoint defines them.
+
+Training plan stored in the config (set by ``caad models assemble``): ``freeze_audio_encoder``,
+``freeze_language_model`` and ``freeze_projector`` turn ``requires_grad`` off on those parts when the
+model is built; ``lora`` (``{"r", "alpha", "dropout", "target_modules"}``) is applied by
+:meth:`CompositeSpeechLM.prepare_for_training` (needs ``peft``; :mod:`caad.models.lora`).
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from caad.models.compat import cache_kwargs, output_cache
 from caad.models.interface import (
-    IGNORE_INDEX,
     WhisperAudioSpeechLM,
     register_speech_lm,
 )
@@ -47,6 +56,10 @@ class CompositeSpeechLMConfig(PreTrainedConfig):
         stack_factor: audio encoder frames stacked into one audio token (>= 1).
         projector_hidden_size: width of the projector's hidden layer (default: the LM width).
         audio_token_id: token id that the audio placeholder expands to.
+        freeze_audio_encoder, freeze_language_model, freeze_projector: parts built with
+            ``requires_grad=False`` (the training plan; module docstring).
+        lora: ``None`` or ``{"r": int, "alpha": float, "dropout": float, "target_modules": [str]}``,
+            LoRA on the LM applied by :meth:`CompositeSpeechLM.prepare_for_training`.
     """
 
     model_type = MODEL_TYPE
@@ -61,6 +74,10 @@ class CompositeSpeechLMConfig(PreTrainedConfig):
     projector_hidden_size: int | None = None
     audio_token_id: int = 4
     initializer_range: float = 0.02
+    freeze_audio_encoder: bool = False
+    freeze_language_model: bool = False
+    freeze_projector: bool = False
+    lora: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -70,6 +87,15 @@ class CompositeSpeechLMConfig(PreTrainedConfig):
             raise ValueError(f"stack_factor must be a positive int, got {self.stack_factor!r}")
         if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
             raise ValueError(f"projector_hidden_size must be positive, got {self.projector_hidden_size!r}")
+        for name in ("freeze_audio_encoder", "freeze_language_model", "freeze_projector"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict) or not {"r", "alpha"} <= set(self.lora):
+                raise ValueError(f"lora must be None or a dict with at least 'r' and 'alpha', got {self.lora!r}")
+            unknown = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
+            if unknown:
+                raise ValueError(f"lora has unknown keys {sorted(unknown)}")
         if not 0 <= self.audio_token_id < self.text_config.vocab_size:
             raise ValueError(
                 f"audio_token_id {self.audio_token_id} is outside the LM vocabulary "
@@ -125,6 +151,17 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Turn ``requires_grad`` off on the parts the config freezes (nothing by default)."""
+        for flag, module in (
+            ("freeze_audio_encoder", self.audio_encoder),
+            ("freeze_language_model", self.language_model),
+            ("freeze_projector", self.projector),
+        ):
+            if getattr(self.config, flag):
+                module.requires_grad_(False)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -145,7 +182,9 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
     ) -> torch.Tensor:
         """``[sum of audio tokens, H]``: the kept audio tokens of every clip, concatenated in order."""
         conv = self.audio_encoder.conv1.weight
-        encoded = self.audio_encoder(input_features.to(conv.device, conv.dtype)).last_hidden_state
+        # use_cache=False: the encoder keeps no cache, and the config's default (True) would make transformers
+        # log that caching is incompatible with activation checkpointing
+        encoded = self.audio_encoder(input_features.to(conv.device, conv.dtype), use_cache=False).last_hidden_state
         projected = self.projector(encoded)
         counts = self.num_audio_tokens(feature_attention_mask.sum(-1)).to(projected.device)
         keep = torch.arange(projected.shape[1], device=projected.device)[None, :] < counts[:, None]
@@ -182,17 +221,18 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
         feature_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = None,
     ) -> BaseModelOutputWithPast:
         """The LM body on the merged embeddings: final hidden states (after the final norm), no logits."""
         embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
-        return self.language_model.get_decoder()(
+        decoder = self.language_model.get_decoder()
+        return decoder(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(decoder, cache),
         )
 
     def forward(
@@ -202,30 +242,28 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
         feature_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = None,
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits ``[B, T, V]`` and, with unshifted ``labels``, the mean next-token cross-entropy."""
-        outputs = self.model_forward(
-            input_ids,
-            input_features,
-            feature_attention_mask,
-            attention_mask,
-            position_ids,
-            past_key_values,
-            use_cache,
+        """The LM's own forward on the merged embeddings: logits ``[B, T, V]`` (with the LM's logit
+        post-processing) and, with unshifted ``labels``, its mean next-token cross-entropy.
+
+        ``past_key_values`` is accepted as the old name of ``cache``.
+        """
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            labels=labels,
+            **cache_kwargs(self.language_model, cache),
+            **kwargs,
         )
-        logits = self.get_output_embeddings()(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=IGNORE_INDEX,
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
 AutoConfig.register(MODEL_TYPE, CompositeSpeechLMConfig, exist_ok=True)
@@ -240,6 +278,11 @@ class CompositeSpeechLM(WhisperAudioSpeechLM):
     model_class = CompositeSpeechLMForCausalLM
     model: CompositeSpeechLMForCausalLM
 
+    def __init__(self, model: CompositeSpeechLMForCausalLM, tokenizer: Any, chat_template: bool | None = None) -> None:
+        super().__init__(model, tokenizer, chat_template=chat_template)
+        # again here: loading may replace the parameters created (and frozen) in the model's __init__
+        model.apply_freezing()
+
     def num_audio_tokens(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         return self.model.num_audio_tokens(feature_lengths)
 
@@ -250,7 +293,7 @@ class CompositeSpeechLM(WhisperAudioSpeechLM):
         position_ids: torch.Tensor,
         input_features: torch.Tensor | None = None,
         feature_attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         out = self.model.model_forward(
@@ -259,7 +302,22 @@ class CompositeSpeechLM(WhisperAudioSpeechLM):
             feature_attention_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, output_cache(out)
+
+    def prepare_for_training(self) -> int:
+        """Apply the config's LoRA plan (once; no-op without one). Returns the number of adapted modules."""
+        from caad.models.lora import apply_lora, has_lora
+
+        plan = self.model.config.lora
+        if plan is None or has_lora(self.model):
+            return 0
+        return apply_lora(
+            self.model,
+            r=int(plan["r"]),
+            alpha=float(plan["alpha"]),
+            dropout=float(plan.get("dropout", 0.0)),
+            target_modules=tuple(plan.get("target_modules") or ("q_proj", "k_proj", "v_proj", "o_proj")),
+        )

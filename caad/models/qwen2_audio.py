@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import Qwen2AudioForConditionalGeneration
 
+from caad.models.compat import cache_kwargs, output_cache
 from caad.models.interface import WhisperAudioSpeechLM, register_speech_lm
 
 
@@ -37,7 +38,7 @@ class Qwen2AudioSpeechLM(WhisperAudioSpeechLM):
         position_ids: torch.Tensor,
         input_features: torch.Tensor | None = None,
         feature_attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         if input_features is None and bool((input_ids == self.audio_token_id).any()):
@@ -48,7 +49,7 @@ class Qwen2AudioSpeechLM(WhisperAudioSpeechLM):
             attention_mask=attention_mask,
             feature_attention_mask=feature_attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(self.model.model, cache),
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, output_cache(out)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from transformers import (
     LlamaConfig,
+    PreTrainedConfig,
     Qwen2AudioConfig,
     Qwen2AudioEncoderConfig,
     Qwen2AudioForConditionalGeneration,
@@ -111,12 +112,20 @@ def tiny_qwen2_audio_config(tokenizer: Any, role: Role = "teacher", **sizes: int
 
 
 def tiny_composite_config(
-    tokenizer: Any, role: Role = "student", text_model: Literal["llama", "qwen2"] = "llama", **sizes: int
+    tokenizer: Any, role: Role = "student", text_model: str | PreTrainedConfig = "llama", **sizes: int
 ) -> CompositeSpeechLMConfig:
-    """A tiny :class:`CompositeSpeechLMConfig` (Whisper encoder + Llama or Qwen2 text model)."""
+    """A tiny :class:`CompositeSpeechLMConfig`: Whisper encoder + a causal LM.
+
+    ``text_model``: ``"llama"`` or ``"qwen2"`` (sized by ``role``), or any causal-LM config (used as
+    given, e.g. a tiny Cohere, Granite or Gemma-2 config).
+    """
     s = _sizes(role, sizes)
-    if text_model not in ("llama", "qwen2"):
-        raise ValueError(f"text_model must be 'llama' or 'qwen2', got {text_model!r}")
+    if isinstance(text_model, PreTrainedConfig):
+        text_config = text_model
+    elif text_model in ("llama", "qwen2"):
+        text_config = _text_config(LlamaConfig if text_model == "llama" else Qwen2Config, tokenizer, s)
+    else:
+        raise ValueError(f"text_model must be 'llama', 'qwen2' or a causal-LM config, got {text_model!r}")
     audio_config = WhisperConfig(
         num_mel_bins=TINY_MEL_BINS,
         encoder_layers=s["audio_layers"],
@@ -137,25 +146,32 @@ def tiny_composite_config(
         suppress_tokens=None,
         begin_suppress_tokens=None,
     )
-    text_cls = LlamaConfig if text_model == "llama" else Qwen2Config
     return CompositeSpeechLMConfig(
         audio_config=audio_config,
-        text_config=_text_config(text_cls, tokenizer, s),
+        text_config=text_config,
         stack_factor=s["stack"],
         audio_token_id=audio_token_ids(tokenizer)["audio"],
     )
 
 
 def build_speech_lm(
-    config: Qwen2AudioConfig | CompositeSpeechLMConfig, tokenizer: Any, seed: int = 0
+    config: Qwen2AudioConfig | CompositeSpeechLMConfig,
+    tokenizer: Any,
+    seed: int = 0,
+    chat_template: bool | None = None,
 ) -> SpeechLM:
-    """A randomly initialised :class:`SpeechLM` from a config, in eval mode; the global RNG is untouched."""
+    """A randomly initialised :class:`SpeechLM` from a config, in eval mode; the global RNG is untouched.
+
+    ``chat_template``: see :meth:`SpeechLM.set_chat_template` (``None``: the tokenizer's, if any).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(config, Qwen2AudioConfig):
-            return Qwen2AudioSpeechLM(Qwen2AudioForConditionalGeneration(config), tokenizer).eval()
+            model = Qwen2AudioForConditionalGeneration(config)
+            return Qwen2AudioSpeechLM(model, tokenizer, chat_template=chat_template).eval()
         if isinstance(config, CompositeSpeechLMConfig):
-            return CompositeSpeechLM(CompositeSpeechLMForCausalLM(config), tokenizer).eval()
+            model = CompositeSpeechLMForCausalLM(config)
+            return CompositeSpeechLM(model, tokenizer, chat_template=chat_template).eval()
     raise TypeError(
         f"config must be a Qwen2AudioConfig or CompositeSpeechLMConfig, got {type(config).__name__}"
     )

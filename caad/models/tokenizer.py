@@ -8,9 +8,21 @@ Special tokens take the lowest ids, in the order of :data:`DEFAULT_SPECIAL_TOKEN
 The tokenizer adds no special tokens by itself (``add_special_tokens`` has no effect): the prompt
 convention below places them explicitly.
 
-Prompt convention (chat-free), used by every model in :mod:`caad.models`::
+Prompt conventions, used by every model in :mod:`caad.models` (teacher paths, student, generation):
 
-    <|bos|><|audio_bos|><|AUDIO|><|audio_eos|>{instruction}\\n{target}<|eos|>
+- **Chat-free** (the tokenizer has no chat template, e.g. the tiny tokenizer trained here)::
+
+      <|bos|><|audio_bos|><|AUDIO|><|audio_eos|>{instruction}\\n{target}<|eos|>
+
+- **Chat template** (the checkpoint's tokenizer has one, e.g. Qwen2-Audio-Instruct): one user turn
+  holding the audio and the instruction, rendered by the template with the generation prompt
+  (:func:`chat_prompt`), then the target and the template's end-of-turn token
+  (:func:`end_of_turn_token`, ``<|im_end|>`` for Qwen), which is the target's last token. The user
+  turn is first rendered with structured content (``[{"type": "audio", ...}, {"type": "text", ...}]``,
+  as Qwen2-Audio's processor does: ``Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>``); a template that
+  does not render exactly one audio placeholder from it gets plain string content
+  ``<|audio_bos|><|AUDIO|><|audio_eos|>{instruction}``. Without audio (the ``"remove"`` negative path)
+  the user turn is the instruction alone.
 
 ``<|AUDIO|>`` is a single placeholder in text; the models expand it to as many audio tokens as the
 clip has encoder frames after downsampling. Prompt and target are tokenized separately, so the
@@ -22,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 #: Role -> token string. Roles ending in ``audio...`` become named extra special tokens, so a loaded
 #: tokenizer has ``tokenizer.audio_token``, ``tokenizer.audio_bos_token`` and ``tokenizer.audio_eos_token``.
@@ -70,6 +82,7 @@ def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 512,
     special_tokens: Mapping[str, str] | None = None,
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it for ``transformers``.
 
@@ -79,6 +92,9 @@ def train_tokenizer(
             the result may be smaller when the texts do not support that many merges.
         special_tokens: role -> token string, merged over :data:`DEFAULT_SPECIAL_TOKENS` (pad, bos,
             eos and the three audio tokens are always present). ``None`` means the defaults.
+        chat_template: a Jinja chat template to attach (e.g. :data:`QWEN2_AUDIO_CHAT_TEMPLATE`, whose
+            ``<|im_start|>``/``<|im_end|>`` must then be among ``special_tokens``); ``None``: none
+            (the chat-free prompt convention).
 
     Returns:
         A :class:`~transformers.PreTrainedTokenizerFast` with ``pad/bos/eos`` set, the audio tokens
@@ -114,6 +130,10 @@ def train_tokenizer(
         model_max_length=int(1e30),
         **standard,
     )
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ValueError(f"chat_template must be a non-empty Jinja string or None, got {chat_template!r}")
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -153,3 +173,107 @@ def build_prompt(tokenizer: PreTrainedTokenizerFast, instruction: str, with_audi
     audio = token("audio_bos_token") + token("audio_token") + token("audio_eos_token") if with_audio else ""
     bos = getattr(tokenizer, "bos_token", None) or ""
     return f"{bos}{audio}{instruction}\n"
+
+
+#: A chat template in the style of Qwen2-Audio-Instruct's (ChatML turns, a default system turn, audio
+#: content items rendered as ``Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>``), for tiny test tokenizers.
+QWEN2_AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Special tokens to train a tokenizer with for :data:`QWEN2_AUDIO_CHAT_TEMPLATE`.
+CHAT_SPECIAL_TOKENS: dict[str, str] = {"im_start_token": "<|im_start|>", "im_end_token": "<|im_end|>"}
+
+# Stands for the assistant's answer when the template is rendered to find the end-of-turn token.
+_TARGET_SENTINEL = "CAADTARGETSENTINEL"
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` carries a chat template (``tokenizer.chat_template`` set and non-empty)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _audio_block(tokenizer: PreTrainedTokenizerBase) -> str:
+    def token(role: str) -> str:
+        return getattr(tokenizer, role, None) or DEFAULT_SPECIAL_TOKENS[role]
+
+    return token("audio_bos_token") + token("audio_token") + token("audio_eos_token")
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not isinstance(text, str):
+        raise TypeError(f"the tokenizer's chat template rendered {type(text).__name__}, expected str")
+    return text
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, with_audio: bool = True) -> str:
+    """The prompt text of the chat-template convention (module docstring): a user turn + generation prompt.
+
+    Raises ``ValueError`` when the tokenizer has no chat template, or when the rendered prompt does not
+    hold exactly one audio placeholder (``with_audio``) or holds one without audio.
+    """
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+    if not has_chat_template(tokenizer):
+        raise ValueError("the tokenizer has no chat template; use build_prompt (the chat-free convention)")
+    placeholder = getattr(tokenizer, "audio_token", None) or DEFAULT_SPECIAL_TOKENS["audio_token"]
+    if not with_audio:
+        text = _render(tokenizer, [{"role": "user", "content": instruction}], True)
+        if placeholder in text:
+            raise ValueError("the chat template put an audio placeholder into a prompt without audio")
+        return text
+    structured = [
+        {"type": "audio", "audio": "audio", "audio_url": "audio"},
+        {"type": "text", "text": instruction},
+    ]
+    try:
+        text = _render(tokenizer, [{"role": "user", "content": structured}], True)
+    except Exception:  # a text-only template may fail on list content: use string content
+        text = ""
+    if text.count(placeholder) != 1 or instruction not in text:
+        content = _audio_block(tokenizer) + instruction
+        text = _render(tokenizer, [{"role": "user", "content": content}], True)
+    if text.count(placeholder) != 1:
+        raise ValueError(
+            f"the chat template rendered {text.count(placeholder)} audio placeholders {placeholder!r} "
+            "for one clip; expected exactly one"
+        )
+    return text
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The token that ends an assistant turn under the tokenizer's chat template (e.g. ``<|im_end|>``).
+
+    Found by rendering a user turn and an assistant turn and reading the special token right after the
+    assistant's text; the ``eos`` token when the template puts no special token there or there is no template.
+    """
+    eos = tokenizer.eos_token
+    if not has_chat_template(tokenizer):
+        return eos
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _TARGET_SENTINEL}]
+    try:
+        text = _render(tokenizer, messages, False)
+    except Exception:  # a template that refuses this conversation: fall back to eos
+        return eos
+    if _TARGET_SENTINEL not in text:
+        return eos
+    after = text.split(_TARGET_SENTINEL, 1)[1]
+    candidates = {str(t) for t in tokenizer.all_special_tokens}
+    candidates |= {str(t) for t in tokenizer.get_added_vocab()}
+    matches = [t for t in candidates if t and after.startswith(t)]
+    return max(matches, key=len) if matches else eos
