@@ -1,8 +1,11 @@
 """Shared pytest fixtures.
 
 ``tiny_corpus``: a 24-example built-in speech corpus (seed 0), synthesised once per test session;
-every voice x rate x pitch combination appears once. Returns a :class:`caad.data.CorpusPaths`
-(``.root``, ``.train``, ``.validation``, ``.test``, ``.manifests``). Treat it as read-only.
+every voice x rate x pitch combination appears once among its 24 audio items (19 train, 3
+validation, 2 test). ``train.jsonl`` has one row per item; ``validation.jsonl`` and ``test.jsonl``
+one row per item and text condition (neutral, faithful, adversarial, irrelevant: 12 and 8 rows,
+sharing their item's audio and ``group``). Returns a :class:`caad.data.CorpusPaths` (``.root``,
+``.train``, ``.validation``, ``.test``, ``.text_prior``, ``.manifests``). Treat it as read-only.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_corpus_rows(tiny_corpus):
-    """All rows of ``tiny_corpus`` (train, validation, test), as :class:`caad.data.ManifestRow`."""
+    """All rows of ``tiny_corpus`` (train, validation, test), as :class:`caad.data.ManifestRow`
+    (validation and test items appear once per text condition)."""
     from caad.data import read_manifest
 
     return [row for manifest in tiny_corpus.manifests.values() for row in read_manifest(manifest)]

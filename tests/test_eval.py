@@ -1,10 +1,12 @@
-"""caad.eval: answer normalisation and matching, accuracies, the bias shift, greedy and contrastive
-decoding on tiny models (against a slow no-cache reference), and ``caad eval`` end to end."""
+"""caad.eval: answer normalisation and matching (that cannot be gamed), the MCR-BENCH metrics and their
+bootstrap intervals, greedy and contrastive decoding on tiny models (against a slow no-cache reference),
+and ``caad eval`` end to end."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -16,20 +18,22 @@ from caad.commands.eval import _default_name
 from caad.data.audio import resample, write_wav
 from caad.data.espeak import synthesize
 from caad.eval import (
-    BiasItem,
     ScoredItem,
     accuracy_metrics,
-    bias_metrics,
     contains_words,
     contrastive_generate_ids,
     contrastive_logits,
+    default_run_name,
+    follows_context,
     follows_hint,
     hinted_instruction,
     is_correct,
     markdown_table,
     normalize_text,
     number_to_words,
+    score_answer,
     score_records,
+    summarize,
 )
 from caad.models import SpeechLM, tiny_student, tiny_teacher, train_tokenizer
 
@@ -134,68 +138,200 @@ def test_accuracy_metrics_per_task_and_category():
     assert empty["accuracy"] is None and empty["accuracy_per_task"] == {}
 
 
-def test_bias_metrics_hand_computed():
-    # (task, correct neutral, correct contradicting, follows hint)
-    table = [
-        ("rate", True, True, False),
-        ("rate", True, False, True),  # flipped
-        ("rate", True, False, False),  # flipped (wrong, but not the hint's answer)
-        ("rate", False, False, True),  # wrong both times: not a flip
-        ("gender", True, True, None),
-        ("gender", False, True, None),  # fixed by the hint: not a flip either
-        ("gender", True, False, True),  # flipped
-    ]
-    metrics = bias_metrics(BiasItem(*row) for row in table)
-    assert metrics["num_items"] == 7
-    assert metrics["accuracy_neutral"] == pytest.approx(5 / 7)
-    assert metrics["accuracy_contradicting"] == pytest.approx(3 / 7)
-    assert metrics["num_correct_neutral"] == 5 and metrics["num_flipped"] == 3
-    assert metrics["shift"] == pytest.approx(3 / 5)
-    assert metrics["hint_following"] == pytest.approx(3 / 5)  # 5 items know the hint's answer
-    rate, gender = metrics["per_task"]["rate"], metrics["per_task"]["gender"]
-    assert rate["shift"] == pytest.approx(2 / 3) and gender["shift"] == pytest.approx(1 / 2)
-    assert rate["accuracy_neutral"] == pytest.approx(3 / 4)
-    assert gender["accuracy_contradicting"] == pytest.approx(2 / 3)
-    assert gender["hint_following"] == pytest.approx(1.0)
-    none_correct = bias_metrics([BiasItem("x", False, False)])
-    assert none_correct["shift"] is None and none_correct["hint_following"] is None
+GENDER = ["male", "female"]
+RATE = ["slow", "normal", "fast"]
 
 
-def test_follows_hint():
-    assert follows_hint("The speech is slow.", "fast", "slow") is True
-    assert follows_hint("slow or fast", "fast", "slow") is False  # gives the label too
-    assert follows_hint("normal", "fast", "slow") is False
-    assert follows_hint("male", "female", None) is None
-    assert follows_hint("x", "red apple", "apple") is None  # cannot be told apart
+@pytest.mark.parametrize(
+    ("prediction", "label", "candidates", "correct"),
+    [
+        # echoed instructions name every option: wrong for every label
+        ("Is the speaker male or female? Answer with one word.", "male", GENDER, False),
+        ("Is the speaker male or female? Answer with one word.", "female", GENDER, False),
+        ("Is the speaking rate slow, normal or fast?", "normal", RATE, False),
+        ("Which of these two words did the speaker say: apple or tiger?", "tiger", ["apple", "tiger"], False),
+        # both (or all) options named
+        ("male or female", "male", GENDER, False),
+        ("It could be slow, or maybe fast.", "fast", RATE, False),
+        ("female", "male", GENDER, False),
+        # negation
+        ("It is not normal.", "normal", RATE, False),
+        ("It isn't male.", "male", GENDER, False),
+        ("Neither male nor female.", "female", GENDER, False),
+        ("It is not slow or fast.", "fast", RATE, False),
+        ("The speaker is not male, she is female.", "female", GENDER, True),
+        ("Not slow but fast.", "fast", RATE, True),
+        ("No, it is male.", "male", GENDER, True),
+        ("It is a non-native accent", "native", ["native", "foreign"], False),
+        # multi-word labels
+        ("The speaker said red apple.", "red apple", ["red apple", "apple"], True),
+        ("The speaker said red apple.", "apple", ["red apple", "apple"], False),  # the longer candidate
+        ("The apple was red.", "red apple", ["red apple", "green pear"], False),
+        ("very high pitch", "high pitch", ["high pitch", "low pitch"], True),
+        # partial words never match
+        ("It is a female voice.", "male", GENDER, False),
+        ("The speech is slowly paced.", "slow", RATE, False),
+        ("Female. It is a woman's voice.", "female", GENDER, True),
+        # without candidates, only containment and negation
+        ("male or female", "male", [], True),
+        ("not male", "male", [], False),
+    ],
+)
+def test_scoring_cannot_be_gamed(prediction, label, candidates, correct):
+    assert is_correct(prediction, label, candidates) is correct, score_answer(prediction, label, candidates)
+
+
+def test_score_answer_reasons_and_candidate_limit():
+    assert score_answer("male or female", "male", GENDER).reason == "names 2 candidates: male, female"
+    assert score_answer("It is not normal.", "normal", RATE).reason == "the label is negated"
+    assert score_answer("fast", "slow", RATE).reason == "the label is not named (names fast)"
+    many = [f"word{i}" for i in range(60)]  # not a classification task: no one-candidate rule
+    assert is_correct("word1 and word2", "word1", many)
+    assert not is_correct("word1 and word2", "word1", many[:10])
+
+
+def test_follows_context():
+    assert follows_context("It is slow.", "slow", "fast", RATE) is True
+    assert follows_context("slow or fast", "slow", "fast", RATE) is False  # names both
+    assert follows_context("normal", "slow", "fast", RATE) is False
+    assert follows_context("It is not slow.", "slow", "fast", RATE) is False
+    assert follows_context("male", None, "female", GENDER) is None
+    assert follows_context("x", "apple", "red apple") is None  # cannot be told apart
+    assert follows_hint("The speech is slow.", "fast", "slow") is True  # legacy argument order
+
+
+def _record(group, condition, task, correct, follows=None, category=None):
+    return {"group": group, "condition": condition, "task": task, "correct": correct, "follows_context": follows,
+            "category": category}  # fmt: skip
+
+
+#: Five items of two tasks under the four conditions: (task, category, neutral, faithful, adversarial,
+#: adversarial follows the text, irrelevant).
+TABLE = [
+    ("rate", "para", True, True, True, False, True),
+    ("rate", "para", True, True, False, True, True),
+    ("rate", "para", False, True, False, True, True),
+    ("gender", "speaker", True, True, False, False, False),
+    ("gender", "speaker", False, False, True, False, False),
+]
+
+
+def _table_records():
+    records = []
+    for index, (task, category, neutral, faithful, adversarial, follows, irrelevant) in enumerate(TABLE):
+        for condition, correct, follow in (
+            ("neutral", neutral, None),
+            ("faithful", faithful, None),
+            ("adversarial", adversarial, follows),
+            ("irrelevant", irrelevant, None),
+        ):
+            records.append(_record(f"item{index}", condition, task, correct, follow, category))
+    return records
+
+
+def _values(estimates):
+    return {key: estimate["value"] for key, estimate in estimates.items()}
+
+
+def test_metrics_on_hand_made_records():
+    summary = summarize(_table_records(), num_bootstrap=0)
+    assert summary["num_items"] == 5 and summary["num_records"] == 20 and summary["num_seeds"] == 1
+    assert summary["accuracy"]["value"] == pytest.approx(3 / 5)
+    assert _values(summary["accuracy_per_condition"]) == pytest.approx(
+        {"neutral": 3 / 5, "faithful": 4 / 5, "adversarial": 2 / 5, "irrelevant": 3 / 5}
+    )
+    assert summary["accuracy_all"]["value"] == pytest.approx(12 / 20)
+    assert _values(summary["accuracy_per_task"]) == pytest.approx({"gender": 1 / 2, "rate": 2 / 3})
+    assert summary["accuracy_per_condition_task"]["adversarial"]["rate"]["value"] == pytest.approx(1 / 3)
+    assert _values(summary["accuracy_per_category"]) == pytest.approx({"para": 2 / 3, "speaker": 1 / 2})
+    assert _values(summary["normalized_accuracy"]) == pytest.approx(
+        {"faithful": 4 / 3, "adversarial": 2 / 3, "irrelevant": 1.0}
+    )
+    assert summary["text_influence_rate"]["value"] == pytest.approx(2 / 5)  # items 1 and 2 follow the text
+    # right under neutral (items 0, 1, 3), wrong under adversarial (items 1, 3)
+    assert summary["shift"]["value"] == pytest.approx(2 / 3) and summary["shift"]["n"] == 3
+    assert _values(summary["flip_rate"]) == pytest.approx(
+        {"faithful": 1 / 5, "adversarial": 2 / 5, "irrelevant": 2 / 5}  # item 2 up; items 3 down, 4 no change
+    )
+    assert summary["modal_robustness"]["value"] == pytest.approx(0.8 * 2 / 3 + 0.2 * 1.0)
+    assert summary["accuracy"]["low"] is None and summary["accuracy"]["n"] == 5
+    # a task with items only under some conditions: its neutral accuracy is undefined, not 0
+    extra = summarize([*_table_records(), _record("x", "faithful", "pitch", True)], num_bootstrap=0)
+    assert extra["accuracy_per_task"]["pitch"] == {"value": None, "low": None, "high": None, "n": 0}
+    # plain records (no condition, no group): all neutral, each its own item
+    plain = summarize([{"task": "t", "correct": c} for c in (True, False, True, True)], num_bootstrap=0)
+    assert plain["accuracy"]["value"] == pytest.approx(0.75) and plain["num_items"] == 4
+    assert plain["shift"]["value"] is None and plain["text_influence_rate"]["n"] == 0
+
+
+def test_metrics_average_over_seeds():
+    first = _table_records()
+    second = [dict(r, correct=True) for r in first]
+    summary = summarize({1: first, 2: second}, num_bootstrap=0)
+    assert summary["num_seeds"] == 2 and summary["num_items"] == 5
+    assert summary["accuracy"]["value"] == pytest.approx((3 / 5 + 1.0) / 2)
+    assert summary["shift"]["value"] == pytest.approx((2 / 3 + 0.0) / 2)
+    with pytest.raises(ValueError, match="condition"):
+        summarize([_record("a", "sarcastic", "t", True)])
+    with pytest.raises(ValueError, match="no 'correct'"):
+        summarize([{"task": "t"}])
+
+
+def test_bootstrap_intervals():
+    # all right: every replicate is 1, so the interval is [1, 1]
+    perfect = summarize([_record(f"i{k}", "neutral", "t", True) for k in range(50)], num_bootstrap=200)
+    assert (perfect["accuracy"]["low"], perfect["accuracy"]["high"]) == (1.0, 1.0)
+    # a binomial case: 400 items, 200 right: the 95% interval is about +-1.96 sqrt(.25/400) = +-0.049
+    half = [_record(f"i{k}", "neutral", "t", k % 2 == 0) for k in range(400)]
+    estimate = summarize(half, num_bootstrap=2000, seed=1)["accuracy"]
+    assert estimate["value"] == 0.5 and estimate["low"] < 0.5 < estimate["high"]
+    assert estimate["high"] - estimate["low"] == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 400), rel=0.12)
+    assert summarize(half, num_bootstrap=2000, seed=1)["accuracy"] == estimate  # reproducible for a seed
+    # coverage: over 150 simulated test sets of 120 items at p = 0.3, the interval holds p about 95% of the time
+    rng = np.random.default_rng(7)
+    hits = 0
+    for trial in range(150):
+        outcomes = rng.random(120) < 0.3
+        records = [_record(f"i{k}", "neutral", "t", bool(o)) for k, o in enumerate(outcomes)]
+        interval = summarize(records, num_bootstrap=400, seed=trial)["accuracy"]
+        hits += interval["low"] <= 0.3 <= interval["high"]
+    assert 0.85 <= hits / 150 <= 1.0
+    # seeds that disagree widen the interval: the seed draw is part of the bootstrap
+    same = summarize({s: half for s in range(3)}, num_bootstrap=1000, seed=2)["accuracy"]
+    shifted = [dict(r, correct=True) if k < 80 else r for k, r in enumerate(half)]  # 60% right
+    mixed = summarize({0: half, 1: shifted, 2: half}, num_bootstrap=1000, seed=2)["accuracy"]
+    assert mixed["high"] - mixed["low"] > same["high"] - same["low"]
+
+
+def test_small_test_sets_warn():
+    small = summarize([_record(f"i{k}", "neutral", "t", True) for k in range(3)], num_bootstrap=10)
+    assert len(small["warnings"]) == 1 and "only 3 scored items" in small["warnings"][0]
+    big = summarize([_record(f"i{k}", "neutral", "t", k % 3 > 0) for k in range(150)], num_bootstrap=10)
+    assert big["warnings"] == []
 
 
 def test_score_records_and_markdown_table():
-    records = [
-        {"task": "t1", "category": "c", "correct": True, "correct_neutral": True, "correct_contradicting": False},
-        {"task": "t1", "category": "c", "correct": False, "correct_neutral": True, "correct_contradicting": True},
-        {"task": "t2", "category": "c", "correct": True},  # no hints
-    ]
-    metrics = score_records(records)
-    assert metrics["accuracy"] == pytest.approx(2 / 3)
-    assert metrics["accuracy_per_category"] == pytest.approx({"c": 0.75})
-    assert metrics["bias"]["num_items"] == 2 and metrics["bias"]["shift"] == pytest.approx(0.5)
-    assert score_records(records[2:])["bias"] is None
-
+    records = _table_records()
+    metrics = score_records(records, num_bootstrap=100)
     greedy = {**metrics, "decoding": {"method": "greedy"}}
     contrastive = {
-        **metrics,
-        "decoding": {"method": "contrastive", "alpha": 2.0, "negative_mode": "zero", "plausibility": 0.0},
-        "accuracy_per_task": {"t1": 1.0, "t3": 0.25},
-        "bias": None,
+        **score_records([r for r in records if r["task"] == "rate"], num_bootstrap=0),
+        "decoding": {"method": "contrastive", "alpha": 2.0, "negative_mode": "remove", "plausibility": 0.0},
     }
     table = markdown_table({"teacher": greedy, "teacher+cd": contrastive})
     lines = table.strip().splitlines()
     assert lines[0] == (
-        "| model | decoding | items | accuracy | t1 | t2 | t3 | neutral hint | contradicting hint | shift |"
+        "| model | decoding | items | accuracy | gender | rate | faithful | adversarial | irrelevant | "
+        "text influence | shift | modal robustness |"
     )
-    assert len(lines) == 4
-    assert lines[2] == "| teacher | greedy | 3 | 66.7 | 50.0 | 100.0 | - | 100.0 | 50.0 | 50.0 |"
-    assert lines[3] == "| teacher+cd | contrastive a=2 (zero) | 3 | 66.7 | 100.0 | - | 25.0 | - | - | - |"
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["teacher", "greedy", "5"]
+    assert cells[3].startswith("60.0 +-") and cells[5].startswith("66.7 +-") and cells[10].startswith("66.7 +-")
+    assert cells[11].startswith("0.73 +-")
+    second = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert second[:5] == ["teacher+cd", "contrastive a=2 (remove)", "3", "66.7", "no items"]  # no gender item
+    plain = markdown_table({"m": score_records([{"task": "t", "correct": True}], num_bootstrap=0)})
+    assert plain.splitlines()[0] == "| model | decoding | items | accuracy | t |"  # no condition columns
 
 
 def test_contrastive_logits_and_hints():
@@ -404,7 +540,8 @@ def saved_run(tmp_path_factory, tokenizer, clips):
             "label": label,
         }
         if HINTS_NEUTRAL[index]:
-            row |= {"hint_neutral": HINTS_NEUTRAL[index], "hint_contradicting": HINTS_CONTRA[index]}
+            row |= {"hint_neutral": HINTS_NEUTRAL[index], "hint_contradicting": HINTS_CONTRA[index],
+                    "hint_contradicting_label": ["female", "rabbit"][index]}  # fmt: skip
         rows.append(row)
     rows.append({**rows[0], "id": "unlabelled", "label": None})
     manifest = root / "test.jsonl"
@@ -415,26 +552,43 @@ def saved_run(tmp_path_factory, tokenizer, clips):
 def test_cli_eval_end_to_end(saved_run, capsys):
     model_dir, manifest, out = saved_run
     argv = ["eval", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out)]
-    argv += ["--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]
+    argv += ["--batch-size", "2", "--max-new-tokens", "4", "--no-progress", "--bootstrap", "200"]
     assert cli_main([*argv, "--name", "greedy"]) == 0
-    printed = capsys.readouterr().out
-    assert "| greedy | greedy | 3 |" in printed
+    captured = capsys.readouterr()
+    assert "| greedy | greedy | 3 |" in captured.out
+    # 3 items: far too few to mean anything, and the command says so
+    assert "warning: only 3 scored items" in captured.err
 
     metrics = json.loads((out / "greedy.json").read_text())
     records = [json.loads(line) for line in (out / "greedy.predictions.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in records] == ["ex0", "ex1", "ex2"]
-    assert metrics["num_rows"] == 4 and metrics["num_unlabelled"] == 1 and metrics["num_items"] == 3
-    assert metrics["decoding"]["method"] == "greedy"
+    # the two rows with legacy hints are asked under three conditions each
+    assert [r["id"] for r in records] == [
+        "ex0", "ex0-irrelevant", "ex0-adversarial", "ex1", "ex1-irrelevant", "ex1-adversarial", "ex2",
+    ]  # fmt: skip
+    assert [r["condition"] for r in records[:3]] == ["neutral", "irrelevant", "adversarial"]
+    assert {r["group"] for r in records} == {"ex0", "ex1", "ex2"}
+    assert metrics["num_rows"] == 4 and metrics["num_unlabelled"] == 1 and metrics["num_records"] == 7
+    assert metrics["num_items"] == 3 and metrics["decoding"]["method"] == "greedy"
+    candidates = {"speaker_gender": ["male"], "spoken_content": ["violin", "rabbit"], "speaking_rate": ["slow"]}
     for record in records:
-        assert record["correct"] == is_correct(record["prediction"], record["label"])
-    assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 3)
+        expected = is_correct(record["prediction"], record["label"], candidates[record["task"]])
+        assert record["correct"] == expected, record
+    neutral = [r for r in records if r["condition"] == "neutral"]
+    assert metrics["accuracy"]["value"] == pytest.approx(sum(r["correct"] for r in neutral) / 3)
+    assert metrics["accuracy"]["n"] == 3
+    assert [r["context_label"] for r in records[:6]] == [None, None, "female", None, None, "rabbit"]
+    for record in records:
+        if record["condition"] == "adversarial":
+            assert record["follows_context"] == is_correct(
+                record["prediction"], record["context_label"], [record["label"], *candidates[record["task"]]]
+            )
     assert set(metrics["accuracy_per_task"]) == {"speaker_gender", "spoken_content", "speaking_rate"}
     assert set(metrics["accuracy_per_category"]) == {"speaker", "content", "paralinguistics"}
-    assert metrics["bias"]["num_items"] == 2  # the row without hints is not in the bias measure
-    assert "prediction_neutral" in records[0] and "prediction_neutral" not in records[2]
-    assert metrics["bias"] == score_records(records)["bias"]
+    assert metrics["shift"]["n"] == sum(r["correct"] for r in neutral[:2])
+    rescored = score_records(records, num_bootstrap=200)
+    assert rescored["accuracy_per_condition"] == metrics["accuracy_per_condition"]
     markdown = (out / "greedy.md").read_text()
-    assert markdown_table({"greedy": metrics}) in markdown
+    assert markdown_table({"greedy": metrics}) in markdown and "**Warning:** only 3 scored items" in markdown
 
     # no silent overwrite; --overwrite replaces (here with a contrastive-decoding run)
     stamp = (out / "greedy.json").stat().st_mtime_ns
@@ -450,12 +604,45 @@ def test_cli_eval_end_to_end(saved_run, capsys):
         "alpha": 1.5,
         "negative_mode": "remove",
         "plausibility": 0.0,
+        "audio_mode": "positive",
     }
+    # the default name comes from the model and the decoding
+    assert cli_main([*argv, "--audio-mode", "remove"]) == 0
+    assert (out / "student-greedy-remove.json").is_file()
+    assert "greedy, remove path" in (out / "student-greedy-remove.md").read_text()
+
+
+def test_eval_writes_answers_as_it_goes(saved_run, tmp_path, monkeypatch):
+    """An evaluation stopped after its first batch leaves that batch's answers on disk (and no metrics)."""
+    import caad.eval.runner as runner
+
+    model_dir, manifest, _ = saved_run
+    real, calls = runner.decode_ids, []
+
+    def stop_after_one_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode_ids", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(str(model_dir), str(manifest), str(tmp_path), name="run", batch_size=2, max_new_tokens=2,
+                        progress=False)  # fmt: skip
+    lines = (tmp_path / "run.predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["ex0", "ex0-irrelevant"]
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_default_run_name():
-    assert _default_name("runs/x/teacher/", None) == "teacher-greedy"
-    assert _default_name("teacher", 2.0) == "teacher-contrastive-a2"
+    assert default_run_name("runs/x/teacher/", None) == "teacher-greedy"
+    assert default_run_name("runs/demo/stage2/final", None) == "stage2-final-greedy"
+    assert default_run_name("runs/demo/stage2/checkpoints/step-300", None) == "checkpoints-step-300-greedy"
+    assert default_run_name("runs/demo/warmup/final", 2.0) == "warmup-final-cd-a2-remove"
+    name = default_run_name("teacher-7b", 1.0, "silence_fixed_length", 0.1)
+    assert name == "teacher-7b-cd-a1-silence_fixed_length-p0.1"
+    assert default_run_name("teacher-7b", None, audio_mode="remove") == "teacher-7b-greedy-remove"
+    assert _default_name("runs/x/stage2/final", None) == "stage2-final-greedy"  # what caad eval uses
 
 
 def test_cli_eval_errors(saved_run, tmp_path, capsys):
@@ -472,6 +659,8 @@ def test_cli_eval_errors(saved_run, tmp_path, capsys):
     assert "alpha" in capsys.readouterr().err
     assert cli_main([*argv, "--name", "a/b"]) == 2
     assert "--name" in capsys.readouterr().err
+    assert cli_main([*argv, "--contrastive-alpha", "1", "--audio-mode", "remove"]) == 2
+    assert "--audio-mode" in capsys.readouterr().err
     unlabelled = tmp_path / "unlabelled.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     unlabelled.write_text(json.dumps({**rows[3], "audio": str(manifest.parent / rows[3]["audio"])}) + "\n")

@@ -9,6 +9,7 @@ import pytest
 
 from caad.cli import main as cli_main
 from caad.data import ManifestError, ManifestRow, load_audio, read_manifest, write_manifest
+from caad.eval import is_correct, normalize_text
 from caad.stage1 import (
     LMGenerator,
     build_prompt,
@@ -64,16 +65,15 @@ def test_template_answers(tiny_corpus, tmp_path):
     rows, source = read_manifest(out), read_manifest(tiny_corpus.train)
     assert result.num_generated == len(rows) == len(source) and result.num_skipped == 0
     assert [row.id for row in rows] == [row.id for row in source]
+    attribute_words = {"male", "female", "slow", "normal", "fast", "low", "high"}
     for row, original in zip(rows, source):
         assert row.pseudo_gt_generator == "template"
-        assert contains_label(row.pseudo_gt, row.label), row.pseudo_gt
-        m = row.metadata
-        if row.task == "spoken_content":
-            assert m["transcript"] in row.pseudo_gt and m["distractor"] not in row.pseudo_gt
-        else:  # describes the other attributes too
-            others = {"gender": m["gender"], "rate": m["rate"], "pitch": m["pitch"]}
-            others.pop({"speaker_gender": "gender", "speaking_rate": "rate", "pitch_level": "pitch"}[row.task])
-            assert all(contains_label(row.pseudo_gt, value) for value in others.values()), row.pseudo_gt
+        # the answer to the question asked: right under the scorer, the label first and once
+        assert is_correct(row.pseudo_gt, row.label, row.choices), row.pseudo_gt
+        words = normalize_text(row.pseudo_gt).split()
+        assert words[0] == row.label and words.count(row.label) == 1, row.pseudo_gt
+        # and not a list of the other attributes, nor the distractor, nor what a context says
+        assert not (set(words) - {row.label}) & (attribute_words | {row.metadata["distractor"]}), row.pseudo_gt
         # everything else is carried over, and the audio still resolves from the new folder
         assert (row.instruction, row.label, row.metadata, row.hint_contradicting) == (
             original.instruction,
@@ -99,14 +99,20 @@ def test_template_answer_examples():
         metadata={"gender": "female", "rate": "slow", "pitch": "high", "transcript": "Hi."},
         label="female",
     )
-    assert template_answer(row) == "The speaker is female. She talks at a slow pace with a high pitch."
+    assert template_answer(row) == "Female. It is a woman's voice."
     row.task, row.label = "speaking_rate", "slow"
-    assert template_answer(row) == "The speaker talks at a slow pace. It is a female voice with a high pitch."
+    assert template_answer(row) == "Slow. The speaker takes their time."
     row.task, row.label = "pitch_level", "high"
-    assert template_answer(row) == "The speaker's pitch is high. It is a female voice talking at a slow pace."
+    assert template_answer(row) == "High. The voice is raised for this speaker."
+    row.task, row.label = "spoken_content", "violin"
+    assert template_answer(row) == "Violin. That word is in the sentence."
     row.task, row.label = "emotion_recognition", "happy"
-    assert template_answer(row).startswith("The answer is happy. The recording has a female voice")
-    row.label, row.metadata = None, {}
+    assert template_answer(row) == "happy."
+    row.label = "It is raining!"
+    assert template_answer(row) == "It is raining!"
+    row.label = None  # no label: a description of the recording
+    assert template_answer(row).startswith("The recording has a female voice talking at a slow pace")
+    row.metadata = {}
     with pytest.raises(ValueError, match="'r'.*no label"):
         template_answer(row)
     assert contains_label("The speaker is female.", "female") and not contains_label("The speaker is female.", "male")
@@ -174,6 +180,11 @@ def test_stage1_errors(tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="no label"):
         generate_pseudo_gt(tmp_path / "empty.jsonl", tmp_path / "o.jsonl", progress=False)
     assert not (tmp_path / "o.jsonl").exists()
+    # an empty manifest fails clearly, and writes nothing
+    (tmp_path / "none.jsonl").write_text("\n")
+    with pytest.raises(ManifestError, match="none.jsonl: the manifest has no rows"):
+        generate_pseudo_gt(tmp_path / "none.jsonl", tmp_path / "o.jsonl", progress=False)
+    assert not (tmp_path / "o.jsonl").exists()
     # an existing file that is not a partial Stage 1 output of this input is never appended to
     mine = tmp_path / "mine.jsonl"
     mine.write_bytes(tiny_corpus.validation.read_bytes())
@@ -223,8 +234,12 @@ def test_lm_generator_batched_greedy(tiny_corpus, tiny_lm, tmp_path):
     strict = generate_pseudo_gt(
         source, tmp_path / "strict.jsonl", generator="lm", model_path=tiny_lm, max_new_tokens=6, progress=False
     )
-    assert all(contains_label(row.pseudo_gt, row.label) for row in read_manifest(tmp_path / "strict.jsonl"))
-    kept = [bool(postprocess(raw)) and contains_label(postprocess(raw), row.label) for row, raw in zip(rows, batched)]
+    strict_rows = read_manifest(tmp_path / "strict.jsonl")
+    assert all(is_correct(row.pseudo_gt, row.label, row.choices) for row in strict_rows)
+    kept = [
+        bool(postprocess(raw)) and is_correct(postprocess(raw), row.label, row.choices)
+        for row, raw in zip(rows, batched)
+    ]
     assert strict.num_fallbacks == kept.count(False)
 
 
@@ -299,3 +314,15 @@ def test_cli_stage1(tiny_corpus, tmp_path, capsys):
     assert cli_main(["stage1", "--manifest", str(tiny_corpus.test), "--out", str(tiny_corpus.test)]) == 2
     assert cli_main(args + ["--generator", "lm"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_lm_prompt_leaves_out_the_context(tiny_corpus):
+    """The LM writes the answer from the audio's facts: a (possibly contradicting) context is not shown."""
+    from caad.stage1.lm import question_of
+
+    rows = [row for row in read_manifest(tiny_corpus.test) if row.condition == "adversarial"]
+    assert rows
+    for row in rows:
+        prompt = build_prompt(row)
+        assert row.context not in prompt and question_of(row) in prompt
+        assert row.instruction == f"{row.context} {question_of(row)}"

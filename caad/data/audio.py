@@ -261,13 +261,15 @@ def estimate_f0(
     sampling_rate: int,
     fmin: float = 50.0,
     fmax: float = 400.0,
-    frame_seconds: float = 0.04,
+    frame_seconds: float = 0.06,
     hop_seconds: float = 0.02,
     voicing_threshold: float = 0.5,
 ) -> float:
     """Median fundamental frequency (Hz) of the voiced frames, by autocorrelation.
 
-    Frames of ``frame_seconds`` every ``hop_seconds``; frames quieter than 10% of the loudest frame
+    Frames of ``frame_seconds`` every ``hop_seconds`` (60 ms: three periods at the 50 Hz floor; with
+    40 ms the autocorrelation of a 70 Hz voice is too weak at its period and fast low male speech
+    was misread); frames quieter than 10% of the loudest frame
     are skipped; in each, the lag in ``[sr/fmax, sr/fmin]`` with the largest autocorrelation is the
     period, and the frame counts as voiced when that peak is at least ``voicing_threshold`` times
     the zero-lag value. Returns ``nan`` when no frame is voiced. Good enough to tell voices and

@@ -18,6 +18,17 @@ Schema (keys of one line's JSON object)::
     hint_neutral              str, optional: a neutral text hint (linguistic-bias measure)
     hint_contradicting        str, optional: a text hint that contradicts the audio
     hint_contradicting_label  str, optional: the (wrong) answer the contradicting hint suggests
+    condition                 str, optional: the prompt's text condition (MCR-BENCH): "neutral",
+                              "faithful", "adversarial" or "irrelevant" (see caad.data.tasks)
+    context                   str, optional: the text context the instruction starts with
+    context_label             str, optional: the answer that context states (adversarial: a wrong one)
+    group                     str, optional: the id of the underlying item; the rows of one item
+                              under different conditions share it (paired comparisons, bootstrap)
+    choices                   list of str, optional: the candidate answers of the question (scoring
+                              marks an answer that names more than one of them as wrong)
+
+The legacy hint fields (``hint_*``) are still read: evaluation asks such a row under the neutral
+(no hint), irrelevant (``hint_neutral``) and adversarial (``hint_contradicting``) conditions.
 
 Any other keys are kept as they are (:attr:`ManifestRow.extra`) and written back, so a tool that
 reads a manifest and writes a new one loses nothing.
@@ -32,16 +43,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from caad.data.files import open_atomic
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
 __all__ = [
+    "CONDITIONS",
     "ManifestError",
     "ManifestRow",
     "ManifestWriter",
@@ -59,8 +72,14 @@ _OPTIONAL_STR = (
     "hint_neutral",
     "hint_contradicting",
     "hint_contradicting_label",
+    "condition",
+    "context",
+    "context_label",
+    "group",
 )
-_KNOWN = set(_REQUIRED_STR) | set(_OPTIONAL_STR) | {"sampling_rate", "metadata"}
+#: The text conditions a row's ``condition`` may name (MCR-BENCH's four).
+CONDITIONS: tuple[str, ...] = ("neutral", "faithful", "adversarial", "irrelevant")
+_KNOWN = set(_REQUIRED_STR) | set(_OPTIONAL_STR) | {"sampling_rate", "metadata", "choices"}
 
 
 class ManifestError(ValueError):
@@ -104,6 +123,11 @@ class ManifestRow:
     hint_neutral: str | None = None
     hint_contradicting: str | None = None
     hint_contradicting_label: str | None = None
+    condition: str | None = None
+    context: str | None = None
+    context_label: str | None = None
+    group: str | None = None
+    choices: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Unknown keys of the line, kept and written back unchanged."""
     base_dir: Path | None = field(default=None, compare=False, repr=False)
@@ -141,6 +165,8 @@ class ManifestRow:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
         for key, value in self.extra.items():
             if key not in out:
                 out[key] = value
@@ -179,6 +205,15 @@ class ManifestRow:
             if value is not None and not isinstance(value, str):
                 raise ManifestError(f"expected a string or null, got {value!r}", path, line, name)
             optional[name] = value
+        if optional["condition"] is not None and optional["condition"] not in CONDITIONS:
+            raise ManifestError(
+                f"expected one of {', '.join(CONDITIONS)}, got {optional['condition']!r}", path, line, "condition"
+            )
+        choices = obj.get("choices")
+        if choices is not None and (
+            not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
+            raise ManifestError(f"expected a list of non-empty strings or null, got {choices!r}", path, line, "choices")
         extra = {key: value for key, value in obj.items() if key not in _KNOWN}
         return cls(
             id=obj["id"],
@@ -187,6 +222,7 @@ class ManifestRow:
             instruction=obj["instruction"],
             task=obj["task"],
             metadata=metadata,
+            choices=None if choices is None else list(choices),
             extra=extra,
             base_dir=base_dir,
             **optional,
@@ -249,7 +285,8 @@ def _dump(row: ManifestRow | dict[str, Any], manifest_dir: Path, index: int) -> 
 def write_manifest(
     path: str | os.PathLike[str], rows: Iterable[ManifestRow | dict[str, Any]], overwrite: bool = False
 ) -> Path:
-    """Write rows as a JSONL manifest, atomically (a temporary file in the same folder, renamed).
+    """Write rows as a JSONL manifest, atomically (a temporary file in the same folder, renamed),
+    with the permissions the user's umask gives new files.
 
     Refuses (``FileExistsError``) to replace an existing file unless ``overwrite``. Rows read from
     another manifest keep pointing at their audio (see :meth:`ManifestRow.to_dict`). Duplicate ids
@@ -260,27 +297,16 @@ def write_manifest(
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a manifest file")
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest_dir = path.parent.absolute()
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            seen: set[str] = set()
-            for index, row in enumerate(rows):
-                text = _dump(row, manifest_dir, index)
-                row_id = row.id if isinstance(row, ManifestRow) else row["id"]
-                if row_id in seen:
-                    raise ManifestError(f"duplicate id {row_id!r}", path, index + 1, "id")
-                seen.add(row_id)
-                handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with open_atomic(path) as handle:
+        seen: set[str] = set()
+        for index, row in enumerate(rows):
+            text = _dump(row, manifest_dir, index)
+            row_id = row.id if isinstance(row, ManifestRow) else row["id"]
+            if row_id in seen:
+                raise ManifestError(f"duplicate id {row_id!r}", path, index + 1, "id")
+            seen.add(row_id)
+            handle.write(text)
     return path
 
 
@@ -365,7 +391,8 @@ def as_dataset(rows_or_path: str | os.PathLike[str] | Iterable[ManifestRow]) -> 
     """The rows as a HF ``datasets.Dataset`` (in memory).
 
     Columns: ``id``, ``audio`` (absolute path string), ``sampling_rate``, ``instruction``, ``task``,
-    the optional string fields (``None`` where absent), and ``metadata`` as a JSON string (rows may
+    the optional string fields (``None`` where absent), ``choices`` (a list of strings or ``None``),
+    and ``metadata`` as a JSON string (rows may
     have metadata of different shapes; ``json.loads`` it back). Audio is not decoded.
     """
     import datasets
@@ -382,6 +409,7 @@ def as_dataset(rows_or_path: str | os.PathLike[str] | Iterable[ManifestRow]) -> 
         }
         for name in _OPTIONAL_STR:
             record[name] = getattr(row, name)
+        record["choices"] = None if row.choices is None else list(row.choices)
         record["metadata"] = json.dumps(row.metadata, ensure_ascii=False, sort_keys=True)
         records.append(record)
     features = datasets.Features(
@@ -392,6 +420,7 @@ def as_dataset(rows_or_path: str | os.PathLike[str] | Iterable[ManifestRow]) -> 
             "instruction": datasets.Value("string"),
             "task": datasets.Value("string"),
             **{name: datasets.Value("string") for name in _OPTIONAL_STR},
+            "choices": datasets.Sequence(datasets.Value("string")),
             "metadata": datasets.Value("string"),
         }
     )

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from caad.data.manifest import ManifestRow, ManifestWriter, read_manifest
+from caad.data.manifest import ManifestError, ManifestRow, ManifestWriter, read_manifest
 from caad.stage1.lm import LMGenerator, postprocess
-from caad.stage1.templates import contains_label, template_answer
+from caad.stage1.templates import template_answer
 
 __all__ = ["GENERATORS", "Stage1Result", "generate_pseudo_gt"]
 
@@ -88,8 +88,9 @@ def generate_pseudo_gt(
             earlier run of the same generator on the same input, possibly interrupted) and generate
             only the missing ones. With ``resume=False`` an existing output is an error.
         overwrite: replace an existing output, starting from scratch (wins over ``resume``).
-        require_label: ``lm`` only: an answer that does not contain the row's label (as a whole
-            word sequence) is replaced by the template answer and counted.
+        require_label: ``lm`` only: an answer that is not right under the evaluation's scorer (the
+            label named, no other candidate, not negated: :func:`caad.eval.scoring.score_answer`)
+            is replaced by the template answer and counted.
         device: ``lm`` only: torch device of the model.
         progress: show a progress bar (stderr).
 
@@ -118,6 +119,8 @@ def generate_pseudo_gt(
     if output.is_dir():
         raise IsADirectoryError(f"the output manifest {output} is a directory")
     rows = read_manifest(source)
+    if not rows:
+        raise ManifestError("the manifest has no rows: there is nothing to write a pseudo-GT for", source)
     tag = "template" if generator == "template" else f"lm:{Path(model_path).resolve()}"
 
     done: set[str] = set()
@@ -134,6 +137,15 @@ def generate_pseudo_gt(
     # Template answers first, for every row to do: a row that cannot get one fails before anything is
     # written, and the lm generator falls back on them.
     templates = {row.id: template_answer(row) for row in todo}
+
+    if generator == "lm" and todo:
+        from caad.eval.runner import row_candidates, task_labels
+        from caad.eval.scoring import is_correct
+
+        labels = task_labels(rows)
+
+        def names_label(answer: str, row: ManifestRow) -> bool:
+            return is_correct(answer, row.label, row_candidates(row, labels.get(row.task, ())))
 
     lm = LMGenerator(model_path, max_new_tokens=max_new_tokens, device=device) if generator == "lm" and todo else None
     fallback_empty = fallback_no_label = 0
@@ -158,7 +170,7 @@ def generate_pseudo_gt(
                     if not answer:
                         fallback_empty += 1
                         answer = templates[row.id]
-                    elif require_label and row.label and not contains_label(answer, row.label):
+                    elif require_label and row.label and not names_label(answer, row):
                         fallback_no_label += 1
                         answer = templates[row.id]
                     answers.append(answer)

@@ -1,7 +1,8 @@
 """The language-model pseudo-GT generator: any local HF causal LM, batched greedy decoding.
 
-The prompt lists the recording's metadata, the question and (when the row has one) the reference
-label, and asks for a one-sentence answer. Loading is from a local folder only
+The prompt lists the recording's metadata, the question (without the row's text context) and (when
+the row has one) the reference label, and asks for a one-sentence answer that starts with it.
+Loading is from a local folder only
 (``local_files_only=True``): nothing is downloaded.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from caad.data.manifest import ManifestRow
 
-__all__ = ["LMGenerator", "build_prompt", "postprocess"]
+__all__ = ["LMGenerator", "build_prompt", "postprocess", "question_of"]
 
 _METADATA_NAMES = {
     "transcript": "transcript",
@@ -32,6 +33,14 @@ _HIDDEN_METADATA = {"distractor", "keyword", "pitch_setting", "num_words", "spea
 _ANSWER_PREFIX = re.compile(r"^\s*(answer|a|assistant|response)\s*[:\-]\s*", re.IGNORECASE)
 
 
+def question_of(row: ManifestRow) -> str:
+    """The row's instruction without its text context (a context may contradict the audio, and the
+    pseudo-GT answers from the audio's facts)."""
+    if row.context and row.instruction.startswith(row.context):
+        return row.instruction[len(row.context) :].strip() or row.instruction
+    return row.instruction
+
+
 def build_prompt(row: ManifestRow) -> str:
     """The instruction text given to the LM for one row (before any chat template)."""
     facts = []
@@ -43,10 +52,12 @@ def build_prompt(row: ManifestRow) -> str:
     lines = ["You write the answer to a question about a speech recording, using facts about it."]
     if facts:
         lines += ["Facts about the recording:", *facts]
-    lines.append(f"Question: {row.instruction}")
+    lines.append(f"Question: {question_of(row)}")
     if row.label:
         lines.append(f"Correct short answer: {row.label}")
-    lines.append("Write the answer as one natural sentence that states the correct answer.")
+    lines.append(
+        "Write the answer as one short sentence that starts with the correct answer and names no other option."
+    )
     return "\n".join(lines)
 
 

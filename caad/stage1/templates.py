@@ -1,8 +1,11 @@
-"""The offline, deterministic pseudo-GT generator: a natural answer sentence from the metadata.
+"""The offline, deterministic pseudo-GT generator: the answer to the question asked.
 
-The answer states the label first (in words the Dynamic-SUPERB-style scorer matches: the label as a
-whole word sequence), then describes the other attributes of the recording, e.g.
-``The speaker is female. She talks at a slow pace with a high pitch.``
+A labelled row gets its label first, once, and nothing that names another candidate answer, so the
+target is right under the scorer of :mod:`caad.eval.scoring` and teaches no list of attributes:
+the built-in tasks get a short fixed sentence (:func:`caad.data.tasks.answer_sentence`, e.g.
+``Female. It is a woman's voice.``), any other task the label itself (``happy.``). A row without a
+label gets a description of whatever it finds among the usual metadata keys (gender, rate, pitch,
+transcript, emotion, environment).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import string
 from typing import Any
 
 from caad.data.manifest import ManifestRow
+from caad.data.tasks import answer_sentence
 
 __all__ = ["contains_label", "normalize_text", "template_answer"]
 
@@ -64,51 +68,28 @@ def _voice_sentence(opening: str, phrases: list[str]) -> str:
 
 
 def template_answer(row: ManifestRow) -> str:
-    """The template pseudo-GT of one row (pure function of its task, label and metadata).
+    """The template pseudo-GT of one row (a pure function of its task, label and metadata).
 
-    Known tasks (those of the built-in corpus) get task-specific sentences; any other task gets
-    ``"The answer is <label>."`` plus a description of whatever it finds among the usual metadata
-    keys (gender, rate, pitch, emotion, environment, transcript). Raises ``ValueError`` naming the
-    row when there is neither a label nor usable metadata.
+    With a label: :func:`caad.data.tasks.answer_sentence` (the label first, once). Without one: a
+    description of the recording from its metadata. Raises ``ValueError`` naming the row when there
+    is neither a label nor usable metadata.
     """
-    metadata = row.metadata or {}
     label = row.label.strip() if row.label else None
+    if label:
+        return answer_sentence(row.task, label)
+    metadata = row.metadata or {}
     gender = _first(metadata, "gender", "sex")
     pronoun = {"female": "She", "male": "He"}.get((gender or "").lower(), "The speaker")
     transcript = _first(metadata, "transcript", "text")
     emotion = _first(metadata, "emotion")
     environment = _first(metadata, "environment", "background", "noise")
-
     sentences: list[str] = []
-    task = row.task
-    if task == "speaker_gender" and label:
-        sentences.append(f"The speaker is {label}.")
-        rest = _describe(metadata, {"gender"})
-        if rest:
-            sentences.append(f"{pronoun} talks {' '.join(rest)}.")
-    elif task == "speaking_rate" and label:
-        sentences.append(f"The speaker talks at a {label} pace.")
-        rest = _describe(metadata, {"rate"})
-        if rest:
-            sentences.append(f"It is {' '.join(rest)}.")
-    elif task == "pitch_level" and label:
-        sentences.append(f"The speaker's pitch is {label}.")
-        rest = _describe(metadata, {"pitch"})
-        if rest:
-            sentences.append(_voice_sentence("It is", rest))
-    elif task == "spoken_content" and label:
-        sentences.append(f'The speaker said "{label}".')
-        if transcript:
-            sentences.append(f'{pronoun} says: "{transcript}"')
-    else:
-        if label:
-            sentences.append(f"The answer is {label}.")
-        description = _describe(metadata, set())
-        if description:
-            sentences.append(_voice_sentence("The recording has", description))
-        if transcript:
-            sentences.append(f'{pronoun} says: "{transcript}"')
-    if emotion and task != "emotion":
+    description = _describe(metadata, set())
+    if description:
+        sentences.append(_voice_sentence("The recording has", description))
+    if transcript:
+        sentences.append(f'{pronoun} says: "{transcript}"')
+    if emotion:
         sentences.append(f"The speaker sounds {emotion}.")
     if environment:
         sentences.append(f"The background is {environment}.")
