@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
 
-.PHONY: test lint demo bench report clean
+.PHONY: test lint demo bench report clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pytest bench/ --benchmark-json=bench/results/cpu.json
 	$(PY) -m bench.report bench/results/cpu.json
+
+# The prepared GPU check (bench/gpu_check.py; how to run it on the device tool: its docstring and
+# bench/README.md). It needs no virtualenv: on a GPU image without .venv it runs the image's python3.
+# On a CPU: `make gpu-check GPU_CHECK_ARGS=--dry-run`.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_CHECK_PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

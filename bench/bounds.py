@@ -4,11 +4,15 @@
   present) negative logits and the labels once, plus writing the student gradient in
   ``fwd+bwd``, divided by the copy bandwidth measured here: a large ``dst.copy_(src)`` whose
   read + write bytes over its median time give bytes per second.
-* Fused-linear op (GEMM-bound): the time of the same GEMMs alone with ``torch.matmul``, in the
-  layouts the op uses: the teacher forward GEMM (two with a negative path), the student forward
-  GEMM, and in ``fwd+bwd`` the two student backward GEMMs (``dL/dh = G @ W`` and
-  ``dL/dW = G.T @ h``). A GEMM whose ``[rows x V]`` operand would be larger than a buffer budget is
-  timed on a row slice and scaled by ``N / rows`` (GEMM time is linear in the row count there).
+* Fused-linear op (GEMM-bound): the time of the GEMMs the op needs at the least (:func:`fused_gemms`),
+  timed alone with ``torch.matmul`` in the layouts the op uses: one teacher forward GEMM (without
+  the plausibility cutoff the contrastive teacher is linear in the hidden states,
+  ``z_hat = W_t h_hat`` with ``h_hat = h_pos + alpha (h_pos - h_neg)``, so one GEMM serves both
+  paths; with the cutoff ``z_pos`` is needed on its own and the negative path costs a second), the
+  student forward GEMM, and in ``fwd+bwd`` the two student backward GEMMs (``dL/dh = G @ W`` and
+  ``dL/dW = G.T @ h``): four in ``fwd+bwd`` and two in ``fwd`` without the cutoff, five and three
+  with it. A GEMM whose ``[rows x V]`` operand would be larger than a buffer budget is timed on a
+  row slice and scaled by ``N / rows`` (GEMM time is linear in the row count there).
 
 Both are measured afresh right before each case's timed rounds (so that a machine shared with
 other work loads the bound and the case alike) and take the *best* (minimum) of their repetitions:
@@ -55,14 +59,44 @@ def best_seconds(fn: Callable[[], object], device: torch.device, reps: int, warm
     return min(times)
 
 
+def fused_gemms(shape: Shape, config: LossConfig, mode: str) -> list[tuple[str, str, int]]:
+    """The GEMMs the fused-linear op needs at the least, as ``(name, kind, hidden size)``.
+
+    ``kind`` is a :meth:`HardwareBounds.gemm_seconds` kind. One teacher GEMM, unless the
+    contrastive teacher meets the plausibility cutoff (which needs ``z_pos`` itself, so the
+    negative path takes a second GEMM); the student forward GEMM; and in ``fwd+bwd`` the two
+    student backward GEMMs. So 4 GEMMs in ``fwd+bwd`` and 2 in ``fwd`` without the cutoff, 5 and 3
+    with it.
+    """
+    if config.contrastive and config.plausibility > 0:
+        gemms = [
+            ("teacher forward, positive path", "forward", shape.h_t),
+            ("teacher forward, negative path", "forward", shape.h_t),
+        ]
+    elif config.contrastive:
+        gemms = [("teacher forward on h_hat", "forward", shape.h_t)]
+    else:
+        gemms = [("teacher forward", "forward", shape.h_t)]
+    gemms.append(("student forward", "forward", shape.h_s))
+    if mode == "fwd+bwd":
+        gemms += [
+            ("student grad hidden", "grad_hidden", shape.h_s),
+            ("student grad weight", "grad_weight", shape.h_s),
+        ]
+    return gemms
+
+
 class HardwareBounds:
     """Copy bandwidth and GEMM times of one device, measured on every call (nothing is cached)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, reps: int | None = None, buffer_budget: int | None = None) -> None:
+        """``reps`` timed repetitions (default 10 on CUDA, 3 on the CPU); ``buffer_budget`` bytes for the
+        copy's two buffers and a GEMM's ``[rows x V]`` operand (default 2 GiB on CUDA, 256 MiB on the CPU)."""
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.reps = 10 if self.is_cuda else 3
-        self.buffer_budget = (2 << 30) if self.is_cuda else (256 << 20)
+        self.reps = reps if reps is not None else (10 if self.is_cuda else 3)
+        default_budget = (2 << 30) if self.is_cuda else (256 << 20)
+        self.buffer_budget = buffer_budget if buffer_budget is not None else default_budget
 
     def copy_bandwidth(self) -> float:
         """Bytes per second of a large device-to-device copy (read + write bytes counted)."""
@@ -116,13 +150,7 @@ class HardwareBounds:
 
     def fused_bound(self, shape: Shape, config: LossConfig, dtype: torch.dtype, mode: str) -> Bound:
         n, v = shape.n, shape.v
-        gemms = [("teacher forward", "forward", shape.h_t)] * (2 if config.negative else 1)
-        gemms.append(("student forward", "forward", shape.h_s))
-        if mode == "fwd+bwd":
-            gemms += [
-                ("student grad hidden", "grad_hidden", shape.h_s),
-                ("student grad weight", "grad_weight", shape.h_s),
-            ]
+        gemms = fused_gemms(shape, config, mode)
         seconds = 0.0
         flops = 0
         for _, kind, k in gemms:

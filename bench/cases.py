@@ -28,6 +28,12 @@ class LossConfig:
     temperature_scaling: bool
     negative: bool  # a text-only teacher path is passed
     labels: bool  # pseudo-GT labels are passed (a few rows set to ignore_index)
+    plausibility: float = 0.0  # the adaptive plausibility cutoff (0: off)
+
+    @property
+    def contrastive(self) -> bool:
+        """True when the teacher is the contrastive ``z_hat`` (a negative path and ``alpha != 0``)."""
+        return self.negative and self.alpha != 0
 
     def options(self) -> dict[str, object]:
         """Keyword options of ``contrastive_kd_loss`` and of the naive references."""
@@ -35,7 +41,7 @@ class LossConfig:
             alpha=self.alpha,
             temperature=self.temperature,
             beta=0.0,
-            plausibility=0.0,
+            plausibility=self.plausibility,
             kd_weight=self.kd_weight,
             ce_weight=self.ce_weight,
             temperature_scaling=self.temperature_scaling,

@@ -3,12 +3,8 @@ the shared session and the machine information written into the benchmark JSON."
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
-import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -17,8 +13,7 @@ import torch
 from bench.cases import BENCH_SETS, MODES
 from bench.harness import Case, Session
 from bench.impls import implementations
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from bench.machine import device_description, git_commit, package_version
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -73,36 +68,6 @@ def bench_session(request: pytest.FixtureRequest) -> Session:
     return Session(selected=selected, selection_note=note)
 
 
-def git_commit() -> str:
-    """``git rev-parse HEAD`` (``-dirty`` when the tree has changes or untracked files), or ``unknown``."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
-def device_description() -> str:
-    """The GPU's name, else the CPU model with its core and thread counts."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
 def invocation() -> str:
     """The command line of this run, as typed (``python -m pytest ...`` or ``pytest ...``)."""
     program = Path(sys.argv[0])
@@ -112,10 +77,7 @@ def invocation() -> str:
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Record what the report header needs: device, commit, command, versions."""
-    try:
-        liger = version("liger-kernel")
-    except PackageNotFoundError:
-        liger = None
+    liger = package_version("liger-kernel")
     machine_info["caad_bench"] = dict(
         device=device_description(),
         commit=git_commit(),

@@ -8,6 +8,7 @@ Each :class:`Impl` says why it cannot run a case (``skip_reason``), or builds a 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,21 @@ LossFn = Callable[[BenchInputs], torch.Tensor]
 # Our ops are called with check_finite=False: the NaN scan costs a host synchronisation and a pass
 # over the inputs that a training loop does not pay for (the fused op defaults to False anyway).
 CHECK_FINITE = False
+
+
+@functools.cache
+def _accepts(fn: Callable, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def our_options(fn: Callable, config: LossConfig, backend: str) -> dict[str, object]:
+    """Keyword arguments of our op ``fn`` for ``config``: the loss options, ``backend`` and
+    ``check_finite=False`` where the op still has that switch (the kernels may detect bad inputs
+    themselves, without an extra pass)."""
+    options = dict(config.options(), backend=backend)
+    if _accepts(fn, "check_finite"):
+        options["check_finite"] = CHECK_FINITE
+    return options
 
 
 @dataclass(frozen=True)
@@ -97,9 +113,10 @@ def _ours_skip(backend: str) -> Callable[[str, Shape, torch.device], str | None]
 
 def _ours_build(backend: str) -> Callable[[str, LossConfig], LossFn]:
     def build(op: str, config: LossConfig) -> LossFn:
-        options = dict(config.options(), backend=backend, check_finite=CHECK_FINITE)
         if op == "logits":
+            options = our_options(contrastive_kd_loss, config, backend)
             return lambda x: contrastive_kd_loss(x.student, x.teacher, x.negative, x.labels, **options)
+        options = our_options(fused_linear_contrastive_kd_loss, config, backend)
         return lambda x: fused_linear_contrastive_kd_loss(
             x.hidden_s, x.weight_s, x.hidden_t, x.weight_t, x.hidden_n, x.labels, **options
         )

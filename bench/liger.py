@@ -1,5 +1,8 @@
 """Liger-Kernel adapters, in the one configuration where its math is ours: the ``"kd"`` config.
 
+``liger-fused-jsd``, ``liger-jsd`` and ``liger-kldiv`` are Liger's Triton kernels (CUDA only);
+``liger-chunked-jsd`` is its pure-PyTorch chunked fused-linear JSD, which runs on the CPU too.
+
 How Liger's conventions map onto ours (liger-kernel >= 0.5; checked on every case by the
 harness, which fails a case whose loss or gradients disagree with the reference):
 
@@ -20,6 +23,18 @@ harness, which fails a case whose loss or gradients disagree with the reference)
 * ``LigerKLDIVLoss(reduction="batchmean", log_target=True)(log_q, log_p)`` is
   ``sum exp(log_p) (log_p - log_q) / N`` = forward KL, mean over rows.
 * There is no contrastive (negative) path: ``alpha=0``.
+
+* ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (``liger-chunked-jsd``) is Liger's pure-PyTorch
+  chunked fused-linear JSD: ``weight_soft_loss * JSD + weight_hard_loss * CE`` over chunks of 1024
+  rows, each chunk's gradients taken with ``torch.func.grad_and_value`` in the forward pass, the
+  same ``beta``/``temperature`` conventions as above (CE at temperature 1, no ``tau**2``), the sum
+  divided by the non-ignored rows. It runs with ``weight_hard_loss=0, weight_soft_loss=1`` and
+  ``compiled=False`` (its default ``torch.compile`` of each chunk is not timed: on the CPU it
+  needs a working C++ compiler and compiles for tens of seconds), so it runs on the CPU too. It
+  needs labels (to mask rows): the ``"kd"`` config passes none, so it gets all-zero labels, none
+  ignored, and with ``weight_hard_loss=0`` they only set the denominator ``N``. Like the fused
+  JSD it pads a smaller student vocabulary with zero logits rather than dropping teacher columns,
+  so it too gets ``teacher_weight[:V]``.
 
 The logits-level Liger losses take log-probabilities, so the adapter materialises
 ``log_softmax(logits.float() / tau)`` for both student and teacher (in float32, as a careful
@@ -50,8 +65,24 @@ def _skip(op: str, shape: Shape, device: torch.device) -> str | None:
     return None
 
 
+def _skip_chunked(op: str, shape: Shape, device: torch.device) -> str | None:
+    if not liger_installed():
+        return "Liger-Kernel not installed (pip install liger-kernel; on the GPU image see bench/README.md)"
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+    except Exception as error:
+        return f"liger_kernel.chunked_loss does not import here: {type(error).__name__}: {error}"
+    return None
+
+
 def _check_config(config: LossConfig) -> None:
-    if config.alpha != 0 or config.negative or config.ce_weight != 0 or config.temperature_scaling:
+    if (
+        config.alpha != 0
+        or config.negative
+        or config.ce_weight != 0
+        or config.temperature_scaling
+        or config.plausibility != 0
+    ):
         raise ValueError(f"Liger-Kernel computes config 'kd' only, not {config.name!r}")
 
 
@@ -68,6 +99,29 @@ def _build_fused_jsd(op: str, config: LossConfig) -> LossFn:
     def run(x):
         vocab = x.weight_s.shape[0]
         return loss_fn(x.hidden_s, x.weight_s, x.hidden_t, x.weight_t[:vocab], x.labels)
+
+    return run
+
+
+def _build_chunked_jsd(op: str, config: LossConfig) -> LossFn:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    _check_config(config)
+    loss_fn = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        beta=0.0,
+        ignore_index=IGNORE_INDEX,
+        temperature=config.temperature,
+        compiled=False,
+    )
+
+    def run(x):
+        vocab = x.weight_s.shape[0]
+        labels = x.labels
+        if labels is None:  # it masks rows with labels; none ignored, so the mean is over all N rows
+            labels = torch.zeros(x.hidden_s.shape[0], dtype=torch.int64, device=x.hidden_s.device)
+        return loss_fn(x.hidden_s, x.weight_s, x.hidden_t, x.weight_t[:vocab], labels)
 
     return run
 
@@ -102,8 +156,9 @@ def _build_kldiv(op: str, config: LossConfig) -> LossFn:
     return run
 
 
-# Memory factors: the fused JSD keeps an fp32 [N, V] loss buffer; the logits-level losses hold the
-# two fp32 log-probability tensors, a gradient clone and the autograd buffers of log_softmax.
+# Memory factors: the fused JSD keeps an fp32 [N, V] loss buffer; the chunked JSD holds about eight
+# [1024, V] tensors per chunk; the logits-level losses hold the two fp32 log-probability tensors, a
+# gradient clone and the autograd buffers of log_softmax.
 LIGER_IMPLS = [
     Impl(
         "liger-fused-jsd",
@@ -113,6 +168,16 @@ LIGER_IMPLS = [
         _skip,
         _build_fused_jsd,
         naive_memory_factor=2.0,
+        failure_skips=True,
+    ),
+    Impl(
+        "liger-chunked-jsd",
+        "liger",
+        ("fused",),
+        ("kd",),
+        _skip_chunked,
+        _build_chunked_jsd,
+        naive_memory_factor=1.0,
         failure_skips=True,
     ),
     Impl(

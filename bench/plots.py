@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from bench.report import Row
 
-PALETTE = ["#1f77b4", "#2ca02c", "#17becf", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+PALETTE = ["#1f77b4", "#2ca02c", "#17becf", "#ff7f0e", "#d62728", "#9467bd", "#bcbd22", "#8c564b", "#e377c2"]
 METRICS = (("time", "median time (ms)"), ("peak", "peak memory (MiB)"))
 
 

@@ -26,6 +26,7 @@ IMPL_ORDER = [
     "naive-eager",
     "naive-compile",
     "liger-fused-jsd",
+    "liger-chunked-jsd",
     "liger-jsd",
     "liger-kldiv",
 ]
