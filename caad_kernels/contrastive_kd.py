@@ -3,6 +3,11 @@
 Forward stores O(rows) statistics, never a ``[rows x V]`` float32 tensor; backward recomputes the
 per-token terms from the logits and the statistics and writes the student gradient directly in
 the student's dtype.
+
+Host synchronisation: at most one per call, at the end of forward, and only when there is
+something data-dependent to check (labels, a ``mask``, ``check_finite``, a tensor
+``num_items_in_batch`` or a per-row ``alpha``): the kernels' row flags and those values are read
+in a single ``.tolist()``.
 """
 
 from __future__ import annotations
@@ -11,16 +16,18 @@ from typing import NamedTuple
 
 import torch
 
+from caad_kernels.autograd import once_differentiable
 from caad_kernels.backends import resolve_backend
 from caad_kernels.options import (
     KDOptions,
-    check_label_range,
+    check_alpha_tensor,
     check_labels,
     check_logits,
-    check_no_nan,
+    check_mask,
     check_num_items,
 )
 from caad_kernels.rows import as_row_views
+from caad_kernels.validation import FLAG_NEGATIVE, FLAG_STUDENT, FLAG_TEACHER, HostChecks, check_host_values
 
 
 class KDLossOutput(NamedTuple):
@@ -31,15 +38,19 @@ class KDLossOutput(NamedTuple):
     ce_loss: torch.Tensor
 
 
+NAMES = ("student_logits", "teacher_logits", "teacher_negative_logits")
+
+
 def validate_logits_inputs(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     teacher_negative_logits: torch.Tensor | None,
     labels: torch.Tensor | None,
     opts: KDOptions,
-    names: tuple[str, str, str] = ("student_logits", "teacher_logits", "teacher_negative_logits"),
+    mask: torch.Tensor | None = None,
+    names: tuple[str, str, str] = NAMES,
 ) -> None:
-    """Shape, dtype, device, label and NaN checks shared by the logits-level op."""
+    """Shape, dtype and device checks of the logits-level op (the values are checked by the kernels)."""
     student_name, teacher_name, negative_name = names
     check_logits(student_name, student_logits)
     check_logits(teacher_name, teacher_logits)
@@ -71,11 +82,49 @@ def validate_logits_inputs(
             raise ValueError("labels are required when ce_weight > 0")
     else:
         check_labels(labels, lead, student_logits.device)
-    if opts.check_finite:
-        negative = None if teacher_negative_logits is None else teacher_negative_logits[..., :vocab]
-        check_no_nan({student_name: student_logits, teacher_name: teacher_logits[..., :vocab], negative_name: negative})
-        if labels is not None:
-            check_label_range(labels, vocab, opts.ignore_index)
+    check_mask(mask, lead, student_logits.device, student_name)
+    check_alpha_tensor(opts.alpha, lead, student_logits.device, student_name)
+
+
+def row_labels(
+    labels: torch.Tensor | None, mask: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor | None:
+    """Flat int64 labels with masked rows set to ``ignore_index``; without labels, a mask's row marks.
+
+    Without labels the non-ignored rows hold a value that is not ``ignore_index`` (the kernels do
+    not read it as a class, ``RowParams.has_labels`` being False).
+    """
+    if labels is None and mask is None:
+        return None
+    if labels is None:
+        keep = 0 if ignore_index != 0 else 1
+        flat = torch.full(mask.shape, keep, dtype=torch.int64, device=mask.device)
+    else:
+        flat = labels.to(torch.int64)
+    if mask is not None:
+        flat = torch.where(mask, flat, torch.full((), ignore_index, dtype=torch.int64, device=flat.device))
+    return flat.reshape(-1).contiguous()
+
+
+def flat_alpha(opts: KDOptions) -> torch.Tensor | None:
+    """A per-row ``alpha`` as the kernels take it: flat, contiguous, float32 (float64 kept for the torch backend)."""
+    if not opts.per_row_alpha:
+        return None
+    dtype = torch.float64 if opts.alpha.dtype == torch.float64 else torch.float32
+    return opts.alpha.detach().reshape(-1).to(dtype).contiguous()
+
+
+def add_value_checks(
+    checks: HostChecks, num_items_in_batch: object, alpha_rows: torch.Tensor | None, valid: torch.Tensor | None
+) -> None:
+    """Queue the checks of a tensor ``num_items_in_batch`` and of a per-row alpha's values."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        checks.add("num_items_in_batch", num_items_in_batch.detach())
+    if alpha_rows is not None:
+        bad = ~((alpha_rows >= 0) & (alpha_rows < float("inf")))
+        if valid is not None:
+            bad = bad & valid
+        checks.add("alpha_bad", bad.sum())
 
 
 def reduction_denominator(
@@ -83,7 +132,7 @@ def reduction_denominator(
 ) -> torch.Tensor:
     """What ``reduction="mean"`` divides by: ``num_items_in_batch`` or the valid rows (at least 1)."""
     if num_items_in_batch is not None:
-        return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=device).reshape(())
+        return torch.as_tensor(num_items_in_batch, device=device).detach().to(torch.float32).reshape(())
     if valid is None:
         return torch.tensor(float(max(rows, 1)), device=device)
     return valid.sum().clamp(min=1).to(torch.float32)
@@ -109,7 +158,10 @@ def row_coefficients(
     rows: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Per-row factor on ``d(row term)/d s`` from the upstream gradients of ``loss`` and the component."""
+    """Per-row factor on ``d(row term)/d s`` from the upstream gradients of ``loss`` and the component.
+
+    Computed in float32 (an upstream gradient in a half dtype is upcast first, never the reverse).
+    """
     coef = torch.zeros(rows, dtype=torch.float32, device=device)
     if grad_loss is not None and weight != 0:
         coef = coef + weight * grad_loss.reshape(-1).float()
@@ -125,33 +177,49 @@ def row_coefficients(
 
 class _ContrastiveKDFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, negative, labels, opts, num_items_in_batch):
+    def forward(ctx, student, teacher, negative, labels, alpha_rows, opts, num_items_in_batch, has_labels):
         ctx.set_materialize_grads(False)
         lead = student.shape[:-1]
         vocab = student.shape[-1]
         backend = resolve_backend(opts.backend, student.device, student.dtype)
-        params = opts.row_params(vocab, negative is not None, labels is not None)
+        params = opts.row_params(vocab, negative is not None, has_labels)
+        alpha_rows = alpha_rows if params.per_row_alpha else None
         s_rows, t_rows, n_rows = as_row_views(student, teacher, negative if params.has_negative else None)
-        flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-        kd, ce, stats = backend.forward_rows(s_rows, t_rows, n_rows, flat_labels, params)
-        valid = None if flat_labels is None else flat_labels != opts.ignore_index
+        kd, ce, stats, flags = backend.forward_rows(s_rows, t_rows, n_rows, labels, params, alpha_rows=alpha_rows)
+
+        valid = None if labels is None else labels != opts.ignore_index
+        checks = HostChecks()
+        if opts.check_finite or has_labels:
+            checks.add_first_flagged_rows(flags if opts.check_finite else flags & 8)
+        add_value_checks(checks, num_items_in_batch, alpha_rows, valid)
+        check_host_values(
+            checks.read(), check_finite=opts.check_finite, labels=labels, vocab=vocab,
+            ignore_index=opts.ignore_index,
+            flag_names={FLAG_STUDENT: f"{NAMES[0]} holds NaN or +inf",
+                        FLAG_TEACHER: f"{NAMES[1]} holds NaN or +inf",
+                        FLAG_NEGATIVE: f"{NAMES[2]} holds NaN or +inf, or -inf where {NAMES[1]} is finite "
+                                       "(z_hat would be +inf)"},
+        )  # fmt: skip
+
         denominator = reduction_denominator(valid, s_rows.rows, num_items_in_batch, student.device)
         kd = kd * opts.kd_scale
         kd_loss = reduce_rows(kd, opts.reduction, denominator, lead)
         ce_loss = reduce_rows(ce, opts.reduction, denominator, lead)
         loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
         saved_negative = negative if params.has_negative else None
-        ctx.save_for_backward(student, teacher, saved_negative, flat_labels, stats, denominator)
+        ctx.save_for_backward(student, teacher, saved_negative, labels, alpha_rows, stats, denominator)
         ctx.opts, ctx.params, ctx.backend = opts, params, backend
         out_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         return loss.to(out_dtype), kd_loss.to(out_dtype), ce_loss.to(out_dtype)
 
     @staticmethod
+    @once_differentiable("contrastive_kd_loss")
     def backward(ctx, grad_loss, grad_kd, grad_ce):
-        student, teacher, negative, labels, stats, denominator = ctx.saved_tensors
+        student, teacher, negative, labels, alpha_rows, stats, denominator = ctx.saved_tensors
         opts, params = ctx.opts, ctx.params
+        none = (None,) * 7
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return (None, *none)
         rows = stats.shape[0]
         valid = None if labels is None else (labels != opts.ignore_index).float()
         common = dict(reduction=opts.reduction, denominator=denominator, valid=valid, rows=rows, device=student.device)
@@ -160,17 +228,10 @@ class _ContrastiveKDFunction(torch.autograd.Function):
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
         s_rows, t_rows, n_rows = as_row_views(student, teacher, negative)
         ctx.backend.backward_rows(
-            s_rows,
-            t_rows,
-            n_rows,
-            labels,
-            stats,
-            coef_kd,
-            coef_ce,
-            params,
-            grad.view(-1, student.shape[-1]),
-        )
-        return grad, None, None, None, None, None
+            s_rows, t_rows, n_rows, labels, stats, coef_kd, coef_ce, params, grad.view(-1, student.shape[-1]),
+            alpha_rows=alpha_rows,
+        )  # fmt: skip
+        return (grad, *none)
 
 
 def contrastive_kd_loss(
@@ -179,7 +240,7 @@ def contrastive_kd_loss(
     teacher_negative_logits: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
-    alpha: float = 1.0,
+    alpha: float | torch.Tensor = 1.0,
     temperature: float = 1.0,
     beta: float = 0.0,
     plausibility: float = 0.0,
@@ -192,6 +253,11 @@ def contrastive_kd_loss(
     return_components: bool = False,
     backend: str = "auto",
     check_finite: bool = True,
+    mask: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor | KDLossOutput:
     """Contrastive knowledge-distillation loss on logits, without materialising distributions.
 
@@ -204,8 +270,11 @@ def contrastive_kd_loss(
         teacher_negative_logits: ``[..., V_t]``, the text-only (negative) path ``z_neg``, or
             ``None`` for plain KD against ``z_pos``.
         labels: ``[...]`` integer pseudo-GT for the CE term; rows equal to ``ignore_index``
-            contribute nothing to either term. Required when ``ce_weight > 0``.
-        alpha: contrastive strength in ``z_hat = (1 + alpha) z_pos - alpha z_neg`` (0: plain KD).
+            contribute nothing to either term. Required when ``ce_weight > 0``. A label outside
+            ``[0, V)`` raises a ValueError on every backend (found by the kernels).
+        alpha: contrastive strength in ``z_hat = z_pos + alpha (z_pos - z_neg)`` (0: plain KD);
+            a float, or a floating tensor of the leading shape ``[...]`` with one value ``>= 0``
+            per row (adaptive alpha; no ``[N x V]`` tensor is formed).
         temperature: ``tau`` of ``p = softmax(z_hat / tau)`` and ``q = softmax(s / tau)``.
         beta: 0 forward ``KL(p||q)``, 1 reverse ``KL(q||p)``, otherwise the generalised JSD
             ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q`` (TRL's convention).
@@ -217,15 +286,31 @@ def contrastive_kd_loss(
             Liger-Kernel do not.
         reduction: ``"mean"`` over valid rows (or ``num_items_in_batch``), ``"sum"``, or
             ``"none"`` (per row, shape ``[...]``).
-        num_items_in_batch: denominator of ``"mean"`` for correct gradient accumulation.
+        num_items_in_batch: denominator of ``"mean"`` for correct gradient accumulation; a number
+            or a scalar tensor, ``> 0`` (a tensor's value is checked in the one host sync).
         return_components: return ``KDLossOutput(loss, kd_loss, ce_loss)`` instead of ``loss``.
         backend: ``"auto"`` (triton on CUDA, cpp on CPU, torch otherwise), ``"triton"``,
             ``"cpp"`` or ``"torch"``.
-        check_finite: raise a ValueError naming the tensor when an input holds NaN (and check the
-            label range); costs one host synchronisation. ``-inf`` teacher logits are allowed.
+        check_finite: raise a ValueError naming the tensor when an input row holds NaN or ``+inf``
+            (or ``z_neg = -inf`` where ``z_pos`` is finite, which would make ``z_hat = +inf``),
+            detected by the kernels while they read the rows (no extra pass). With False such
+            rows give a NaN loss and NaN gradients on every backend. ``-inf`` logits (masked
+            tokens) are allowed everywhere else.
+        mask: optional bool ``[...]`` tensor: False rows contribute nothing (no loss, zero
+            gradient, not counted in the mean), like ``ignore_index``; combinable with
+            ``labels`` and usable without them (KD-only masking).
+        student_logit_scale, teacher_logit_scale: each path's logits are multiplied by it first
+            (Cohere's ``logit_scale``; Granite's ``logits_scaling`` is ``1 / x``); ``> 0``.
+        student_softcap, teacher_softcap: ``None`` or ``cap > 0``: ``cap * tanh(z / cap)`` after
+            the scale, per path (both teacher paths) before the contrastive combination (Gemma-2's
+            ``final_logit_softcapping``); ``-inf`` stays ``-inf``; the student's gradient goes
+            through the ``tanh``. CE and the cutoff use the transformed logits.
 
     Returns:
         float32 loss tensors (float64 for float64 inputs): scalars, or ``[...]`` with ``"none"``.
+
+    Host synchronisation: one, at the end of forward, when labels, a mask, ``check_finite``, a
+    tensor ``num_items_in_batch`` or a tensor ``alpha`` is given; none otherwise.
 
     Example:
         >>> s, t, n = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10), torch.randn(4, 10)
@@ -245,16 +330,22 @@ def contrastive_kd_loss(
         reduction=reduction,
         backend=backend,
         check_finite=check_finite,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
     )
     check_num_items(num_items_in_batch, reduction)
-    validate_logits_inputs(student_logits, teacher_logits, teacher_negative_logits, labels, opts)
+    validate_logits_inputs(student_logits, teacher_logits, teacher_negative_logits, labels, opts, mask)
     loss, kd_loss, ce_loss = _ContrastiveKDFunction.apply(
         student_logits,
         teacher_logits.detach(),
         None if teacher_negative_logits is None else teacher_negative_logits.detach(),
-        labels,
+        row_labels(labels, mask, opts.ignore_index),
+        flat_alpha(opts),
         opts,
         num_items_in_batch,
+        labels is not None,
     )
     if return_components:
         return KDLossOutput(loss, kd_loss, ce_loss)
@@ -265,7 +356,8 @@ class ContrastiveKDLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`contrastive_kd_loss`; options are fixed at construction.
 
     ``forward(student_logits, teacher_logits, teacher_negative_logits=None, labels=None,
-    num_items_in_batch=None)``.
+    num_items_in_batch=None, mask=None, alpha=None)``: ``mask`` as in the function; ``alpha``,
+    when given, replaces the constructor's for this call (a float or a per-row tensor).
     """
 
     def __init__(self, **options: object) -> None:
@@ -280,7 +372,12 @@ class ContrastiveKDLoss(torch.nn.Module):
         teacher_negative_logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | float | torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        alpha: float | torch.Tensor | None = None,
     ) -> torch.Tensor | KDLossOutput:
+        options = dict(self.options.__dict__)
+        if alpha is not None:
+            options["alpha"] = alpha
         return contrastive_kd_loss(
             student_logits,
             teacher_logits,
@@ -288,7 +385,8 @@ class ContrastiveKDLoss(torch.nn.Module):
             labels,
             num_items_in_batch=num_items_in_batch,
             return_components=self.return_components,
-            **self.options.__dict__,
+            mask=mask,
+            **options,
         )
 
     def extra_repr(self) -> str:

@@ -1,67 +1,110 @@
 """Fused-linear contrastive KD: hidden states and ``lm_head`` weights in, loss out.
 
-The ``[N x V]`` logits of the three paths are never materialised: rows are processed in chunks of
-``chunk_size``; for each chunk the student GEMM and one batched teacher GEMM (positive and
-negative hidden states stacked) produce ``chunk_size x V`` logits per path, the row kernel of the
-chosen backend computes the per-row losses and writes the student gradient *in place* of the
-student chunk logits, and two more GEMMs turn it into the gradients of the hidden states and of
-the weight (accumulated across chunks). Teacher rows past the student's vocabulary are never
-computed.
+The ``[N x V]`` logits of the three paths are never materialised. Per call:
 
-With ``reduction`` "mean" or "sum" the gradients of the total loss are computed during the
-forward pass with a unit upstream gradient and scaled in backward: the teacher GEMMs run once.
-Only when backward finds gradients flowing into the returned components too, or with
-``reduction="none"``, does it recompute the chunks with the right per-row coefficients.
+1. **Compaction.** Rows that are ignored (label ``ignore_index`` or ``mask`` False) are dropped
+   before any GEMM: the op reads the number of valid rows (together with every other
+   data-dependent check: labels in range, a tensor ``num_items_in_batch``, a per-row ``alpha``)
+   in **one host synchronisation**, then gathers the valid rows. Without labels, mask, tensor
+   ``num_items_in_batch`` or tensor ``alpha`` there is no synchronisation at all.
+2. **Chunks.** The valid rows are processed in chunks of ``chunk_size``; for each chunk the
+   student GEMM and the teacher GEMM produce ``chunk x V`` logits per path (rows padded to a
+   multiple of 16 elements so the kernels' loads are aligned). Without the plausibility cutoff and
+   without a teacher softcap, the contrastive teacher is linear in the hidden states,
+   ``z_hat = W_t h_hat + b_t`` with ``h_hat = h_pos + alpha (h_pos - h_neg)`` (formed in fp32,
+   per-row ``alpha`` included): **one teacher GEMM** instead of two. Otherwise both teacher paths
+   go through one stacked GEMM. The row kernel of the chosen backend computes the per-row losses
+   and writes the student gradient *in place of* the student chunk logits, and two more GEMMs
+   turn it into the gradients of the hidden states and of the weight. Teacher rows past the
+   student's vocabulary are never computed.
+3. **Gradients in forward.** With ``reduction`` "mean" or "sum" (and gradients wanted: grad mode
+   on and a student tensor requiring grad) the gradients of ``loss`` are computed during the
+   forward pass at a unit upstream gradient *without* the mean's denominator (so fp16 values stay
+   far from underflow) and scaled in float32 in backward; the weight gradient is accumulated
+   across chunks in float32 for half-precision weights (``accum_dtype``) through GEMMs that add
+   into the float32 buffer (no ``[V, H]`` temporary per chunk). Nothing of the teacher is kept
+   for backward. With ``reduction="none"`` backward recomputes the chunks with the per-row
+   upstream gradients (normalised by their largest magnitude for the half-precision GEMMs), so
+   that path keeps the (compacted) inputs.
 
-There is no host synchronisation inside the chunk loop: the mean's denominator stays a device
-tensor. ``check_finite`` (off by default here, unlike the logits-level op, because it syncs)
-checks the inputs for NaN first.
+Non-finite values are detected by the row kernels (row flags): a NaN/inf row gives NaN; with
+``check_finite=True`` the flags are read after the chunk loop (a second host synchronisation)
+and raise a ValueError naming the arguments.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
+from caad_kernels.autograd import once_differentiable
 from caad_kernels.backends import resolve_backend
-from caad_kernels.contrastive_kd import KDLossOutput, reduce_rows, reduction_denominator, row_coefficients
+from caad_kernels.contrastive_kd import KDLossOutput, add_value_checks, flat_alpha
 from caad_kernels.options import (
     KDOptions,
-    check_label_range,
+    RowParams,
+    check_alpha_tensor,
     check_labels,
     check_logits,
-    check_no_nan,
+    check_mask,
     check_num_items,
 )
 from caad_kernels.rows import as_row_views
+from caad_kernels.validation import (
+    FLAG_LABEL,
+    FLAG_NEGATIVE,
+    FLAG_STUDENT,
+    FLAG_TEACHER,
+    HostChecks,
+    check_host_values,
+)
 
 CPU_CHUNK_ELEMENTS = 1 << 22  # logits per path per chunk on the CPU: 16 MiB in float32
-GPU_CHUNK_FRACTION = 0.05  # share of free device memory the three chunk buffers may take
+CUDA_CHUNK_BYTES = 1 << 28  # bytes of logits per path per chunk on CUDA (1024 rows of V = 128256 in bf16)
+ROW_ALIGN = 16  # chunk logits rows are padded to a multiple of this many elements
+
+FLAG_NAMES = {
+    FLAG_STUDENT: "the student logits are not finite: student_hidden, student_weight or student_bias holds NaN or "
+                  "inf (or the GEMM overflowed)",
+    FLAG_TEACHER: "the teacher logits are not finite: teacher_hidden, teacher_weight or teacher_bias holds NaN or "
+                  "inf (teacher_negative_hidden too in the one-GEMM form), or the GEMM overflowed",
+    FLAG_NEGATIVE: "the negative-path logits are not finite (or -inf where the positive path is finite): "
+                   "teacher_negative_hidden, teacher_weight or teacher_bias holds NaN or inf",
+}
 
 
 def default_chunk_size(rows: int, vocab: int, hidden: int, device: torch.device, element_size: int) -> int:
-    """Rows per chunk: a power of two that keeps ``3 x chunk x V`` logits small but GEMMs efficient.
+    """Rows per chunk from the shape, dtype and device only (so the summation order is reproducible).
 
-    On the CPU the budget is ``CPU_CHUNK_ELEMENTS`` logits per path; on CUDA a fraction of the free
-    memory (at least 128 rows, at most 4096). Never more rows than there are.
+    A power of two: on CUDA at most ``CUDA_CHUNK_BYTES`` of logits per path (between 128 and 4096
+    rows), on the CPU ``CPU_CHUNK_ELEMENTS`` logits per path; never fewer rows than a GEMM needs
+    to use the matrix unit (``min(64, hidden / 8)``), never more rows than there are. Free memory
+    is deliberately not consulted: it depends on the caching allocator and differs across ranks
+    and steps.
     """
+    vocab = max(vocab, 1)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * GPU_CHUNK_FRACTION) // (3 * max(vocab, 1) * element_size)
-        chunk = min(max(budget, 128), 4096)
+        chunk = min(max(CUDA_CHUNK_BYTES // (vocab * max(element_size, 1)), 128), 4096)
     else:
-        chunk = max(CPU_CHUNK_ELEMENTS // max(vocab, 1), 16)
-    # GEMMs of a few rows against a wide weight waste most of the matrix unit
+        chunk = max(CPU_CHUNK_ELEMENTS // vocab, 16)
     chunk = max(chunk, min(64, max(hidden // 8, 1)))
     chunk = 1 << int(math.floor(math.log2(chunk)))
     return max(1, min(chunk, rows))
 
 
-def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _padded_empty(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[rows, vocab]`` view whose row stride is ``vocab`` rounded up to ``ROW_ALIGN``."""
+    width = -(-vocab // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(rows, width, dtype=dtype, device=device)[:, :vocab]
+
+
+def _linear_into(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = _padded_empty(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device)
     if bias is None:
-        return hidden @ weight.T
-    return torch.addmm(bias, hidden, weight.T)
+        return torch.mm(hidden, weight.T, out=out)
+    return torch.addmm(bias, hidden, weight.T, out=out)
 
 
 def _rows_backend_name(backend: str, device: torch.device) -> str:
@@ -71,155 +114,312 @@ def _rows_backend_name(backend: str, device: torch.device) -> str:
     return backend
 
 
-class _FusedLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                teacher_negative_hidden, teacher_bias, labels, opts, num_items_in_batch, chunk_size,
-                accum_dtype):
-        ctx.set_materialize_grads(False)
-        lead = student_hidden.shape[:-1]
-        vocab = student_weight.shape[0]
-        h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-        h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-        h_n = None
-        params = opts.row_params(vocab, teacher_negative_hidden is not None, labels is not None)
-        if params.has_negative:
-            h_n = teacher_negative_hidden.reshape(-1, teacher_negative_hidden.shape[-1])
-        rows = h_s.shape[0]
-        flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-        device = h_s.device
-        backend = resolve_backend(_rows_backend_name(opts.backend, device), device, h_s.dtype)
-        if chunk_size is None:
-            chunk_size = default_chunk_size(rows, vocab, h_s.shape[1], device, max(h_s.element_size(), 4))
-        w_t = teacher_weight[:vocab]
-        b_t = None if teacher_bias is None else teacher_bias[:vocab]
-        valid = None if flat_labels is None else flat_labels != opts.ignore_index
-        denominator = reduction_denominator(valid, rows, num_items_in_batch, device)
+class _Rows(NamedTuple):
+    """The (compacted) rows of one call and what the chunk loop needs to make their logits."""
 
-        needs = ctx.needs_input_grad
-        want_grads = any(needs[:3])
-        # gradients in the forward pass when a unit upstream gradient on `loss` scales them exactly; should
-        # the returned components be differentiated too, backward recomputes instead
-        eager = want_grads and opts.reduction != "none"
-        coef_kd = coef_ce = None
-        if eager:
-            unit = torch.ones((), device=device)
-            common = dict(reduction=opts.reduction, denominator=denominator, valid=None if valid is None
-                          else valid.float(), rows=rows, device=device)
-            coef_kd = row_coefficients(unit, None, opts.kd_weight, opts.kd_scale, **common)
-            coef_ce = row_coefficients(unit, None, opts.ce_weight, 1.0, **common)
-
-        ctx.chunk = dict(h_s=h_s, w_s=student_weight, b_s=student_bias, h_t=h_t, h_n=h_n, w_t=w_t, b_t=b_t,
-                         labels=flat_labels, params=params, backend=backend, chunk_size=chunk_size,
-                         accum_dtype=accum_dtype, needs=needs[:3])
-        kd, ce, grads = _chunk_loop(**ctx.chunk, coef_kd=coef_kd, coef_ce=coef_ce)
-        kd = kd * opts.kd_scale
-        kd_loss = reduce_rows(kd, opts.reduction, denominator, lead)
-        ce_loss = reduce_rows(ce, opts.reduction, denominator, lead)
-        loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
-
-        ctx.opts, ctx.eager, ctx.lead = opts, eager, lead
-        ctx.shapes = (student_hidden.shape, student_weight.shape)
-        ctx.valid, ctx.denominator, ctx.grads = valid, denominator, grads
-        out_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-        return loss.to(out_dtype), kd_loss.to(out_dtype), ce_loss.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_kd, grad_ce):
-        none = (None,) * 9
-        if ctx.eager and grad_kd is None and grad_ce is None:
-            grad_h, grad_w, grad_b = ctx.grads
-            scale = torch.zeros((), device=ctx.denominator.device) if grad_loss is None else grad_loss
-        else:
-            opts = ctx.opts
-            rows = ctx.chunk["h_s"].shape[0]
-            common = dict(reduction=opts.reduction, denominator=ctx.denominator,
-                          valid=None if ctx.valid is None else ctx.valid.float(), rows=rows,
-                          device=ctx.denominator.device)
-            coef_kd = row_coefficients(grad_loss, grad_kd, opts.kd_weight, opts.kd_scale, **common)
-            coef_ce = row_coefficients(grad_loss, grad_ce, opts.ce_weight, 1.0, **common)
-            _, _, (grad_h, grad_w, grad_b) = _chunk_loop(**ctx.chunk, coef_kd=coef_kd, coef_ce=coef_ce)
-            scale = None
-        ctx.chunk = ctx.grads = None
-        out = []
-        for grad, shape in ((grad_h, ctx.shapes[0]), (grad_w, None), (grad_b, None)):
-            if grad is not None:
-                if scale is not None:  # the buffers are the op's own: scale them in place
-                    grad = grad.mul_(scale.to(grad.dtype))
-                if shape is not None:
-                    grad = grad.reshape(shape)
-            out.append(grad)
-        return (*out, *none)
+    h_s: torch.Tensor
+    w_s: torch.Tensor
+    b_s: torch.Tensor | None
+    h_t: torch.Tensor
+    h_n: torch.Tensor | None
+    w_t: torch.Tensor
+    b_t: torch.Tensor | None
+    labels: torch.Tensor | None
+    alpha: torch.Tensor | float
+    one_gemm: bool
 
 
-def _chunk_logits(h_s, w_s, b_s, h_t, h_n, w_t, b_t, start, stop):
-    """The three paths' logits for rows ``[start, stop)``: ``chunk x V`` each, teacher paths in one GEMM."""
-    with torch.no_grad():
-        logits = _linear(h_s[start:stop], w_s, b_s)
-        if h_n is None:
-            return logits, _linear(h_t[start:stop], w_t, b_t), None
-        both = _linear(torch.cat([h_t[start:stop], h_n[start:stop]]), w_t, b_t)
-        return logits, both[: stop - start], both[stop - start :]
+def _teacher_logits(rows: _Rows, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(z_pos, z_neg)`` of a chunk, or ``(z_hat, None)`` in the one-GEMM form."""
+    h_t = rows.h_t[start:stop]
+    if rows.h_n is None:
+        return _linear_into(h_t, rows.w_t, rows.b_t), None
+    h_n = rows.h_n[start:stop]
+    if rows.one_gemm:
+        alpha = rows.alpha[start:stop].unsqueeze(1) if isinstance(rows.alpha, torch.Tensor) else rows.alpha
+        compute = torch.float64 if h_t.dtype == torch.float64 else torch.float32
+        h_pos = h_t.to(compute)
+        h_hat = (h_pos + alpha * (h_pos - h_n.to(compute))).to(h_t.dtype)
+        return _linear_into(h_hat, rows.w_t, rows.b_t), None
+    both = _linear_into(torch.cat([h_t, h_n]), rows.w_t, rows.b_t)
+    return both[: stop - start], both[stop - start :]
 
 
-def _chunk_loop(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, params, backend, chunk_size, accum_dtype, needs,
-                coef_kd, coef_ce):
-    """One pass over the row chunks: per-row losses, and the gradients when coefficients are given.
+_ADDMM_OUT_DTYPE_WORKS: bool | None = None
 
-    Each chunk's logits are dropped before the next chunk's are made, so at most one chunk of each
-    path is alive at a time.
+
+def _add_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, h_chunk: torch.Tensor) -> None:
+    """``grad_w += grad_logits.T @ h_chunk`` into a buffer of possibly higher precision, no ``[V, H]`` temporary.
+
+    Same dtype: ``addmm_``. A float32 buffer with half inputs on CUDA: cuBLAS accumulates the
+    half GEMM in fp32 and adds into the buffer (``addmm(..., out_dtype=float32, out=grad_w)``);
+    where that is unavailable (CPU, older torch) the chunk operands are upcast instead.
     """
-    rows = h_s.shape[0]
-    device = h_s.device
-    loss_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    kd = torch.empty(rows, dtype=loss_dtype, device=device)
-    ce = torch.empty(rows, dtype=loss_dtype, device=device)
+    global _ADDMM_OUT_DTYPE_WORKS
+    if grad_w.dtype == grad_logits.dtype:
+        grad_w.addmm_(grad_logits.T, h_chunk)
+        return
+    if grad_w.is_cuda and _ADDMM_OUT_DTYPE_WORKS is not False:
+        try:
+            torch.addmm(grad_w, grad_logits.T, h_chunk, out_dtype=grad_w.dtype, out=grad_w)
+            _ADDMM_OUT_DTYPE_WORKS = True
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE_WORKS = False
+    grad_w.addmm_(grad_logits.T.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+
+
+def _chunk_loop(rows: _Rows, params: RowParams, backend, chunk_size: int, needs: tuple[bool, bool, bool],
+                accum_dtype: torch.dtype, coef_kd: torch.Tensor | None = None,
+                coef_ce: torch.Tensor | None = None):
+    """One pass over the row chunks: per-row ``(kd, ce, flags)``, and the gradients when coefficients are given.
+
+    The gradients come back at the kernels' coefficients (the caller applies the remaining float32
+    factor): ``grad_h`` ``[rows, H]`` in the hidden states' dtype, ``grad_w``/``grad_b`` in
+    ``accum_dtype``. Each chunk's logits are dropped before the next chunk's are made, so at most
+    one chunk of each path is alive at a time.
+    """
+    n = rows.h_s.shape[0]
+    device = rows.h_s.device
+    loss_dtype = torch.float64 if rows.h_s.dtype == torch.float64 else torch.float32
+    kd = torch.empty(n, dtype=loss_dtype, device=device)
+    ce = torch.empty(n, dtype=loss_dtype, device=device)
+    flags = torch.empty(n, dtype=torch.int32, device=device)
     with_grad = coef_kd is not None
-    grad_h = torch.empty_like(h_s) if with_grad and needs[0] else None
-    grad_w = torch.zeros(w_s.shape, dtype=accum_dtype or w_s.dtype, device=device) \
-        if with_grad and needs[1] else None
-    grad_b = torch.zeros(b_s.shape, dtype=accum_dtype or b_s.dtype, device=device) \
-        if with_grad and b_s is not None and needs[2] else None
-    for start in range(0, rows, chunk_size):
-        stop = min(start + chunk_size, rows)
-        chunk_labels = None if labels is None else labels[start:stop]
-        logits, z_pos, z_neg = _chunk_logits(h_s, w_s, b_s, h_t, h_n, w_t, b_t, start, stop)
+    grad_h = torch.empty_like(rows.h_s) if with_grad and needs[0] else None
+    grad_w = torch.zeros(rows.w_s.shape, dtype=accum_dtype, device=device) if with_grad and needs[1] else None
+    grad_b = (torch.zeros(rows.b_s.shape, dtype=accum_dtype, device=device)
+              if with_grad and rows.b_s is not None and needs[2] else None)
+    alpha_all = rows.alpha if params.per_row_alpha else None
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        labels = None if rows.labels is None else rows.labels[start:stop]
+        alpha = None if alpha_all is None else alpha_all[start:stop]
+        logits = _linear_into(rows.h_s[start:stop], rows.w_s, rows.b_s)
+        z_pos, z_neg = _teacher_logits(rows, start, stop)
         views = as_row_views(logits, z_pos, z_neg)
         if not with_grad:
-            kd[start:stop], ce[start:stop], _ = backend.forward_rows(*views, chunk_labels, params)
+            out = backend.forward_rows(*views, labels, params, alpha_rows=alpha)
         else:
             # the gradient overwrites the student logits of this chunk: they are not needed afterwards
             coefs = (coef_kd[start:stop], coef_ce[start:stop])
             if hasattr(backend, "loss_and_grad_rows"):  # one pass, each chunk read once
-                kd_c, ce_c, _ = backend.loss_and_grad_rows(*views, chunk_labels, *coefs, params, logits)
+                out = backend.loss_and_grad_rows(*views, labels, *coefs, params, logits, alpha_rows=alpha)
             else:
-                kd_c, ce_c, stats = backend.forward_rows(*views, chunk_labels, params)
-                backend.backward_rows(*views, chunk_labels, stats, *coefs, params, logits)
-            kd[start:stop], ce[start:stop] = kd_c, ce_c
-            _accumulate_grads(logits, h_s[start:stop], w_s, grad_h, grad_w, grad_b, start, stop)
-        del logits, z_pos, z_neg, views
-    # autograd hands parameters gradients of their own dtype: accum_dtype only sets the precision of the
-    # sum across chunks
-    grad_w = None if grad_w is None else grad_w.to(w_s.dtype)
-    grad_b = None if grad_b is None else grad_b.to(b_s.dtype)
-    return kd, ce, (grad_h, grad_w, grad_b)
+                out = backend.forward_rows(*views, labels, params, alpha_rows=alpha)
+                backend.backward_rows(*views, labels, out[2], *coefs, params, logits, alpha_rows=alpha)
+            if grad_h is not None:
+                torch.mm(logits, rows.w_s, out=grad_h[start:stop])
+            if grad_w is not None:
+                _add_weight_grad(grad_w, logits, rows.h_s[start:stop])
+            if grad_b is not None:
+                grad_b.add_(logits.sum(0, dtype=grad_b.dtype))
+        kd[start:stop], ce[start:stop], flags[start:stop] = out[0], out[1], out[3]
+        del logits, z_pos, z_neg, views, out
+    return kd, ce, flags, (grad_h, grad_w, grad_b)
 
 
-def _accumulate_grads(grad_logits, h_chunk, w_s, grad_h, grad_w, grad_b, start, stop):
-    """Hidden-state gradient rows of this chunk; weight and bias gradients summed across chunks."""
-    if grad_h is not None:
-        torch.mm(grad_logits, w_s, out=grad_h[start:stop])
-    if grad_w is not None:
-        if grad_w.dtype == grad_logits.dtype:
-            grad_w.addmm_(grad_logits.T, h_chunk)
+def _scaled(grad: torch.Tensor | None, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``grad * factor`` computed in float32 (or float64), returned in ``dtype``; ``grad`` is left unchanged."""
+    if grad is None:
+        return None
+    if grad.dtype in (torch.float32, torch.float64):
+        out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+        return torch.mul(grad, factor.to(grad.dtype), out=out)
+    return (grad.float() * factor.to(torch.float32)).to(dtype)
+
+
+def _compaction_index(valid: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """Indices of the ``n_valid`` True entries of ``valid``, in order, without another host sync."""
+    rows = valid.numel()
+    position = torch.cumsum(valid, 0) - 1
+    target = torch.where(valid, position, n_valid)
+    index = torch.zeros(n_valid + 1, dtype=torch.int64, device=valid.device)
+    index.scatter_(0, target, torch.arange(rows, device=valid.device))
+    return index[:n_valid]
+
+
+def _component_factor(grad_loss, grad_kd, grad_ce, opts: KDOptions, has_labels: bool) -> torch.Tensor:
+    """The factor on the gradients of ``loss`` computed in forward that gives the requested gradient.
+
+    Only possible when the requested combination is proportional to ``kd_weight * kd + ce_weight * ce``.
+    """
+    device = next(g for g in (grad_loss, grad_kd, grad_ce) if g is not None).device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    g_loss = zero if grad_loss is None else grad_loss.double()
+    kd_total = g_loss * opts.kd_weight + (zero if grad_kd is None else grad_kd.double())
+    ce_total = g_loss * opts.ce_weight + (zero if grad_ce is None else grad_ce.double())
+    ce_dead = not has_labels or (opts.ce_weight == 0 and grad_ce is None)
+    if grad_kd is None and grad_ce is None:
+        return g_loss
+    if ce_dead and opts.kd_weight > 0:
+        return kd_total / opts.kd_weight
+    if opts.kd_weight == 0 and grad_kd is None and opts.ce_weight > 0:
+        return ce_total / opts.ce_weight
+    raise RuntimeError(
+        "fused_linear_contrastive_kd_loss: gradients through kd_loss and ce_loss separately are not available "
+        "with a scalar reduction: the op computes the gradient of `loss` in the forward pass and keeps nothing "
+        "of the teacher for backward. Differentiate `loss` only (the components are for logging), use "
+        "reduction='none', or call the op once per term (kd_weight/ce_weight)."
+    )
+
+
+class _FusedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                teacher_negative_hidden, teacher_bias, labels, mask, opts, num_items_in_batch, chunk_size,
+                accum_dtype, want_grads, *anchors):
+        ctx.set_materialize_grads(False)
+        lead = student_hidden.shape[:-1]
+        vocab = student_weight.shape[0]
+        device = student_hidden.device
+        h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+        n_rows = h_s.shape[0]
+        has_labels = labels is not None
+        flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+        alpha_rows = flat_alpha(opts)
+        full_params = opts.row_params(vocab, teacher_negative_hidden is not None, has_labels)
+
+        # the one host synchronisation: the valid rows and every data-dependent check
+        valid = None if flat_labels is None else flat_labels != opts.ignore_index
+        if mask is not None:
+            valid = mask.reshape(-1) if valid is None else valid & mask.reshape(-1)
+        checks = HostChecks()
+        if valid is not None:
+            checks.add("n_valid", valid.sum())
+        if flat_labels is not None:
+            checks.add_first_row(f"flag{FLAG_LABEL}", valid & ((flat_labels < 0) | (flat_labels >= vocab)))
+        add_value_checks(checks, num_items_in_batch, alpha_rows if full_params.has_negative else None, valid)
+        values = checks.read()
+        check_host_values(values, check_finite=False, flag_names=FLAG_NAMES, labels=flat_labels, vocab=vocab,
+                          ignore_index=opts.ignore_index)
+        n_valid = int(values["n_valid"]) if valid is not None else n_rows
+        index = _compaction_index(valid, n_valid) if n_valid < n_rows else None
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.reshape(n_rows, -1) if t.dim() > 1 else t.reshape(n_rows)
+            return t if index is None else t.index_select(0, index)
+
+        h_n = None
+        if full_params.has_negative:
+            h_n = take(teacher_negative_hidden.reshape(-1, teacher_negative_hidden.shape[-1]))
+        one_gemm = (full_params.has_negative and full_params.log_plausibility is None
+                    and full_params.teacher_softcap is None)
+        alpha_c = take(alpha_rows) if full_params.per_row_alpha else full_params.alpha
+        rows = _Rows(h_s=take(h_s), w_s=student_weight, b_s=student_bias,
+                     h_t=take(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])), h_n=h_n,
+                     w_t=teacher_weight[:vocab], b_t=None if teacher_bias is None else teacher_bias[:vocab],
+                     labels=take(flat_labels) if has_labels else None, alpha=alpha_c, one_gemm=one_gemm)
+        params = opts.row_params(vocab, False, has_labels) if one_gemm else full_params
+        backend = resolve_backend(_rows_backend_name(opts.backend, device), device, h_s.dtype)
+        if chunk_size is None:
+            chunk_size = default_chunk_size(n_valid, vocab, h_s.shape[1], device, h_s.element_size())
+        chunk_size = max(1, chunk_size)
+        if accum_dtype is None:
+            accum_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+        if num_items_in_batch is not None:
+            denominator = float(values.get("num_items_in_batch", num_items_in_batch))
         else:
-            grad_w.add_(grad_logits.T @ h_chunk)
-    if grad_b is not None:
-        grad_b.add_(grad_logits.sum(0, dtype=grad_b.dtype))
+            denominator = float(max(n_valid, 1))
+
+        needs = tuple(bool(n) and want_grads for n in ctx.needs_input_grad[:3])
+        eager = any(needs) and opts.reduction != "none"
+        coef_kd = coef_ce = None
+        if eager:  # unit upstream gradient, no denominator: the float32 factor is applied in backward
+            coef_kd = torch.full((n_valid,), opts.kd_weight * opts.kd_scale, device=device)
+            coef_ce = torch.full((n_valid,), opts.ce_weight if has_labels else 0.0, device=device)
+        kd, ce, flags, grads = _chunk_loop(rows, params, backend, chunk_size, needs, accum_dtype, coef_kd, coef_ce)
+        if opts.check_finite:
+            flag_checks = HostChecks()
+            flag_checks.add_first_flagged_rows(flags)
+            check_host_values(flag_checks.read(), check_finite=True, flag_names=FLAG_NAMES, row_index=index)
+
+        kd = kd * opts.kd_scale
+        if opts.reduction == "none":
+            if index is not None:
+                kd = torch.zeros(n_rows, dtype=kd.dtype, device=device).index_copy_(0, index, kd)
+                ce = torch.zeros(n_rows, dtype=ce.dtype, device=device).index_copy_(0, index, ce)
+            kd_loss, ce_loss = kd.reshape(lead), ce.reshape(lead)
+        else:
+            divide = denominator if opts.reduction == "mean" else 1.0
+            kd_loss, ce_loss = kd.sum() / divide, ce.sum() / divide
+        loss = opts.kd_weight * kd_loss + opts.ce_weight * ce_loss
+
+        ctx.mode = "eager" if eager else ("recompute" if any(needs) else "none")
+        ctx.opts, ctx.has_labels, ctx.denominator = opts, has_labels, denominator
+        ctx.scale_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        ctx.shapes = (student_hidden.shape, n_rows)
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype,
+                      None if student_bias is None else student_bias.dtype)
+        # anchors: one-element copies of the student inputs, only so that a double backward reaches its error
+        if ctx.mode == "eager":
+            ctx.save_for_backward(*grads, index, *anchors)
+        elif ctx.mode == "recompute":
+            ctx.save_for_backward(rows.h_s, rows.w_s, rows.b_s, rows.h_t, rows.h_n, rows.w_t, rows.b_t, rows.labels,
+                                  alpha_c if isinstance(alpha_c, torch.Tensor) else None, index, *anchors)
+            ctx.loop = dict(params=params, backend=backend, chunk_size=chunk_size, needs=needs,
+                            accum_dtype=accum_dtype, one_gemm=one_gemm,
+                            alpha=None if isinstance(alpha_c, torch.Tensor) else alpha_c)
+        ctx.n_anchors = len(anchors)
+        out_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        return loss.to(out_dtype), kd_loss.to(out_dtype), ce_loss.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable("fused_linear_contrastive_kd_loss")
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        none = (None,) * (11 + ctx.n_anchors)
+        if ctx.mode == "none" or (grad_loss is None and grad_kd is None and grad_ce is None):
+            return (None, None, None, *none)
+        opts = ctx.opts
+        if ctx.mode == "eager":
+            grad_h, grad_w, grad_b, index = ctx.saved_tensors[:4]
+            factor = _component_factor(grad_loss, grad_kd, grad_ce, opts, ctx.has_labels).to(ctx.scale_dtype)
+            if opts.reduction == "mean":
+                factor = factor / ctx.denominator
+        else:
+            h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, alpha, index = ctx.saved_tensors[:10]
+            loop = ctx.loop
+            rows = _Rows(h_s, w_s, b_s, h_t, h_n, w_t, b_t, labels, alpha if alpha is not None else loop["alpha"],
+                         loop["one_gemm"])
+
+            def per_row(grad: torch.Tensor | None) -> torch.Tensor:
+                if grad is None:
+                    return torch.zeros(h_s.shape[0], dtype=ctx.scale_dtype, device=h_s.device)
+                grad = grad.reshape(-1).to(ctx.scale_dtype)
+                return grad if index is None else grad.index_select(0, index)
+
+            coef_kd = (opts.kd_weight * per_row(grad_loss) + per_row(grad_kd)) * opts.kd_scale
+            coef_ce = opts.ce_weight * per_row(grad_loss) + per_row(grad_ce)
+            if not ctx.has_labels:
+                coef_ce = torch.zeros_like(coef_ce)
+            # the kernels write half-precision gradients: keep the largest coefficient at 1 so none underflows
+            factor = torch.maximum(coef_kd.abs().amax(), coef_ce.abs().amax()) if coef_kd.numel() else \
+                torch.ones((), device=h_s.device)
+            factor = torch.where(factor > 0, factor, torch.ones_like(factor))
+            _, _, _, (grad_h, grad_w, grad_b) = _chunk_loop(
+                rows, loop["params"], loop["backend"], loop["chunk_size"], loop["needs"], loop["accum_dtype"],
+                coef_kd / factor, coef_ce / factor,
+            )  # fmt: skip
+        hidden_shape, n_rows = ctx.shapes
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        out_h = _scaled(grad_h, factor, h_dtype)
+        if out_h is not None and index is not None:
+            out_h = torch.zeros((n_rows, out_h.shape[1]), dtype=h_dtype, device=out_h.device).index_copy_(
+                0, index, out_h)
+        if out_h is not None:
+            out_h = out_h.reshape(hidden_shape)
+        return (out_h, _scaled(grad_w, factor, w_dtype), _scaled(grad_b, factor, b_dtype), *none)
+
+
+def _anchor(tensor: torch.Tensor) -> torch.Tensor:
+    """A one-element copy of ``tensor``'s first entry that keeps its autograd history, not its storage."""
+    return tensor[(0,) * (tensor.dim() - 1)][:1].clone()
 
 
 def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_negative_hidden, labels,
-              student_bias, teacher_bias, chunk_size, accum_dtype, opts):
+              student_bias, teacher_bias, chunk_size, accum_dtype, mask, opts):
     for name, tensor in (("student_hidden", student_hidden), ("student_weight", student_weight),
                          ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         check_logits(name, tensor)
@@ -260,26 +460,27 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, te
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != device:
             raise ValueError(f"{name} must be on {device} like student_hidden, got {tensor.device}")
-    if student_weight.dtype != student_hidden.dtype:
-        raise TypeError(f"student_weight must have the dtype of student_hidden ({student_hidden.dtype}), "
-                        f"got {student_weight.dtype}")
-    if teacher_weight.dtype != teacher_hidden.dtype:
-        raise TypeError(f"teacher_weight must have the dtype of teacher_hidden ({teacher_hidden.dtype}), "
-                        f"got {teacher_weight.dtype}")
+    dtype_pairs = (("student_weight", student_weight, "student_hidden", student_hidden),
+                   ("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden),
+                   ("teacher_negative_hidden", teacher_negative_hidden, "teacher_hidden", teacher_hidden),
+                   ("student_bias", student_bias, "student_weight", student_weight),
+                   ("teacher_bias", teacher_bias, "teacher_weight", teacher_weight))
+    for name, tensor, other_name, other in dtype_pairs:
+        if tensor is not None and tensor.dtype != other.dtype:
+            raise TypeError(f"{name} must have the dtype of {other_name} ({other.dtype}), got {tensor.dtype}")
     if labels is None:
         if opts.ce_weight > 0:
             raise ValueError("labels are required when ce_weight > 0")
     else:
         check_labels(labels, lead, device)
+    check_mask(mask, lead, device, "student_hidden")
+    check_alpha_tensor(opts.alpha, lead, device, "student_hidden")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, student_weight.dtype):
-        raise TypeError(f"accum_dtype must be None or torch.float32, got {accum_dtype}")
-    if opts.check_finite:
-        check_no_nan(dict(student_hidden=student_hidden, teacher_hidden=teacher_hidden,
-                          teacher_negative_hidden=teacher_negative_hidden))
-        if labels is not None:
-            check_label_range(labels, vocab, opts.ignore_index)
+    allowed = (None, torch.float32, torch.float64, student_weight.dtype)
+    if accum_dtype not in allowed:
+        raise TypeError(f"accum_dtype must be None, torch.float32, torch.float64 or the weight's dtype, got "
+                        f"{accum_dtype}")
 
 
 def fused_linear_contrastive_kd_loss(
@@ -294,7 +495,7 @@ def fused_linear_contrastive_kd_loss(
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
-    alpha: float = 1.0,
+    alpha: float | torch.Tensor = 1.0,
     temperature: float = 1.0,
     beta: float = 0.0,
     plausibility: float = 0.0,
@@ -307,12 +508,18 @@ def fused_linear_contrastive_kd_loss(
     return_components: bool = False,
     backend: str = "auto",
     check_finite: bool = False,
+    mask: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor | KDLossOutput:
     """Contrastive KD from final hidden states and ``lm_head`` weights, with no logits materialised.
 
     Same value and student gradients as ``contrastive_kd_loss(student_hidden @ student_weight.T +
     student_bias, teacher_hidden @ teacher_weight.T + teacher_bias, teacher_negative_hidden @
-    teacher_weight.T + teacher_bias, labels, ...)``; every option means what it means there.
+    teacher_weight.T + teacher_bias, labels, ...)``; every option means what it means there
+    (``alpha`` a float or a per-row tensor, ``mask``, the logit scales and softcaps).
 
     Args:
         student_hidden: ``[..., H_s]`` (fp32/bf16/fp16); gets a gradient.
@@ -320,20 +527,34 @@ def fused_linear_contrastive_kd_loss(
         teacher_hidden: ``[..., H_t]`` audio-aware path; ``H_t`` may differ from ``H_s``.
         teacher_weight: ``[V_t, H_t]`` with ``V_t >= V``; rows past ``V`` are never used.
         teacher_negative_hidden: ``[..., H_t]`` text-only path, or ``None`` for plain KD.
-        labels: ``[...]`` integer pseudo-GT (``ignore_index`` rows contribute nothing).
-        student_bias, teacher_bias: optional ``[V]`` / ``[V_t]``; the student's gets a gradient.
+        labels: ``[...]`` integer pseudo-GT (``ignore_index`` rows contribute nothing and never
+            reach a GEMM); a label outside ``[0, V)`` raises a ValueError.
+        student_bias, teacher_bias: optional ``[V]`` / ``[V_t]`` of their weight's dtype; the
+            student's gets a gradient.
         chunk_size: rows per chunk; at most ``chunk_size x V`` logits per path are alive at once.
-            ``None`` chooses it from N, V, H (and the free memory on a GPU).
-        accum_dtype: dtype in which the weight (and bias) gradient is summed across chunks, e.g.
-            ``torch.float32`` for bf16 weights (one ``[V, H]`` buffer of that dtype); the result is
-            returned in the weight's dtype, as autograd requires.
+            ``None`` chooses it from the shape, dtype and device only (:func:`default_chunk_size`).
+        accum_dtype: dtype in which the weight (and bias) gradient is summed across chunks;
+            ``None`` means float32 (float64 for float64 weights), also for bf16/fp16 weights; pass
+            the weight's dtype for the old half-precision sum. The result is returned in the
+            weight's dtype, as autograd requires.
         backend: "auto" (Triton elementwise kernels on CUDA; C++ on the CPU when it builds, else
             PyTorch), "triton", "cpp" or "torch" (PyTorch, with the C++ elementwise kernels on the
             CPU when built). GEMMs always go through ``torch.matmul``.
-        check_finite: check the hidden states for NaN (and the label range) first: one host sync.
+        check_finite: after the chunk loop, read the kernels' row flags (one more host sync) and
+            raise a ValueError naming the arguments whose logits hold NaN/inf (NaN in the hidden
+            states, weights or biases, or a GEMM overflow). Off: such rows give NaN.
+        mask: optional bool ``[...]``; False rows are dropped like ``ignore_index`` rows.
 
-    Teacher tensors never receive gradients. Under DeepSpeed ZeRO-3 the ``lm_head`` weights are
-    partitioned: gather them around the call, e.g.::
+    Host synchronisation: one (the valid-row count and the data checks) when labels, a mask, a
+    tensor ``num_items_in_batch`` or a tensor ``alpha`` is given, none otherwise; ``check_finite``
+    adds one. Under ``torch.no_grad()`` (or when no student tensor requires grad) no gradient work
+    is done. Backward is once-differentiable. With a scalar reduction, ``kd_loss``/``ce_loss``
+    (``return_components``) are for logging: backward through them alone is supported only when it
+    is proportional to ``loss`` (e.g. ``ce_weight=0``), else it raises a clear error.
+
+    Teacher tensors never receive gradients and are not kept for backward (except with
+    ``reduction="none"``). Under DeepSpeed ZeRO-3 the ``lm_head`` weights are partitioned: gather
+    them around the call, e.g.::
 
         with deepspeed.zero.GatheredParameters([student.lm_head.weight], modifier_rank=None):
             loss = fused_linear_contrastive_kd_loss(h_s, student.lm_head.weight, h_t, teacher_w, h_n, y)
@@ -346,16 +567,21 @@ def fused_linear_contrastive_kd_loss(
     """
     opts = KDOptions(alpha=alpha, temperature=temperature, beta=beta, plausibility=plausibility,
                      kd_weight=kd_weight, ce_weight=ce_weight, temperature_scaling=temperature_scaling,
-                     ignore_index=ignore_index, reduction=reduction, backend=backend, check_finite=check_finite)
+                     ignore_index=ignore_index, reduction=reduction, backend=backend, check_finite=check_finite,
+                     student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                     student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     check_num_items(num_items_in_batch, reduction)
     _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_negative_hidden, labels,
-              student_bias, teacher_bias, chunk_size, accum_dtype, opts)
+              student_bias, teacher_bias, chunk_size, accum_dtype, mask, opts)
+    student = (student_hidden, student_weight, student_bias)
+    want_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student)
+    anchors = [_anchor(t) for t in student if want_grads and t is not None and t.requires_grad and t.numel()]
     loss, kd_loss, ce_loss = _FusedLinearFunction.apply(
         student_hidden, student_weight, student_bias,
         teacher_hidden.detach(), teacher_weight.detach(),
         None if teacher_negative_hidden is None else teacher_negative_hidden.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
-        labels, opts, num_items_in_batch, chunk_size, accum_dtype,
+        labels, mask, opts, num_items_in_batch, chunk_size, accum_dtype, want_grads, *anchors,
     )
     if return_components:
         return KDLossOutput(loss, kd_loss, ce_loss)
@@ -367,7 +593,8 @@ class FusedLinearContrastiveKDLoss(torch.nn.Module):
 
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight,
     teacher_negative_hidden=None, labels=None, student_bias=None, teacher_bias=None,
-    num_items_in_batch=None)``.
+    num_items_in_batch=None, mask=None, alpha=None)``: ``alpha``, when given, replaces the
+    constructor's for this call (a float or a per-row tensor).
     """
 
     def __init__(self, *, chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
@@ -377,12 +604,15 @@ class FusedLinearContrastiveKDLoss(torch.nn.Module):
         self.options = KDOptions(check_finite=check_finite, **options)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_negative_hidden=None,
-                labels=None, student_bias=None, teacher_bias=None, num_items_in_batch=None):
+                labels=None, student_bias=None, teacher_bias=None, num_items_in_batch=None, mask=None, alpha=None):
+        options = dict(self.options.__dict__)
+        if alpha is not None:
+            options["alpha"] = alpha
         return fused_linear_contrastive_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_negative_hidden, labels,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
             accum_dtype=self.accum_dtype, num_items_in_batch=num_items_in_batch,
-            return_components=self.return_components, **self.options.__dict__,
+            return_components=self.return_components, mask=mask, **options,
         )
 
     def extra_repr(self) -> str:

@@ -1,9 +1,14 @@
 """Options shared by every contrastive KD op, and their validation.
 
-The conventions are those of DESIGN.md section 2: ``z_hat = (1 + alpha) * z_pos - alpha * z_neg``,
-``p = softmax(z_hat / temperature)``, ``q = softmax(student / temperature)``, the divergence chosen
-by ``beta`` as in TRL's ``generalized_jsd_loss`` (0 forward KL, 1 reverse KL, else the mixture),
-``temperature ** 2`` scaling when ``temperature_scaling``, and CE on ``labels`` at temperature 1.
+The conventions are those of DESIGN.md section 2, with the per-path logit transforms in front:
+``s = softcap_s(student_logit_scale * student)``, ``z = softcap_t(teacher_logit_scale * teacher)``
+for each teacher path, where ``softcap_c(x) = c * tanh(x / c)`` (identity when the cap is
+``None``; ``-inf`` stays ``-inf``, a masked token stays masked). Then
+``z_hat = z_pos + alpha * (z_pos - z_neg)`` (``alpha`` a float or a per-row tensor),
+``p = softmax(z_hat / temperature)``, ``q = softmax(s / temperature)``, the divergence chosen by
+``beta`` as in TRL's ``generalized_jsd_loss`` (0 forward KL, 1 reverse KL, else the mixture),
+``temperature ** 2`` scaling when ``temperature_scaling``, and CE on ``labels`` at temperature 1
+(on the transformed student logits ``s``).
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ BACKENDS = ("auto", "torch", "triton", "cpp")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KDOptions:
-    """Every option of ``contrastive_kd_loss`` (and of the fused-linear op), validated on creation."""
+    """Every option of ``contrastive_kd_loss`` (and of the fused-linear op), validated on creation.
 
-    alpha: float = 1.0
+    ``alpha`` is a float or a per-row floating tensor with the student's leading shape (adaptive
+    alpha); a tensor's shape and values (finite, ``>= 0``) are checked by the ops, which know the
+    student's shape and read the values in their one host synchronisation.
+    """
+
+    alpha: float | torch.Tensor = 1.0
     temperature: float = 1.0
     beta: float = 0.0
     plausibility: float = 0.0
@@ -34,11 +44,21 @@ class KDOptions:
     reduction: str = "mean"
     backend: str = "auto"
     check_finite: bool = True
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
 
     def __post_init__(self) -> None:
-        _check_real("alpha", self.alpha)
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0 (0 means plain KD against the positive path), got {self.alpha}")
+        if isinstance(self.alpha, torch.Tensor):
+            if not self.alpha.dtype.is_floating_point:
+                raise TypeError(f"alpha as a tensor must be floating (one value per row), got {self.alpha.dtype}")
+        else:
+            _check_real("alpha", self.alpha)
+            if self.alpha < 0:
+                raise ValueError(
+                    f"alpha must be >= 0 (0 means plain KD against the positive path), got {self.alpha}"
+                )
         _check_real("temperature", self.temperature)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
@@ -69,6 +89,21 @@ class KDOptions:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {type(self.check_finite).__name__}")
+        for name in ("student_logit_scale", "teacher_logit_scale"):
+            value = getattr(self, name)
+            _check_real(name, value)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 (logits are multiplied by it), got {value}")
+        for name in ("student_softcap", "teacher_softcap"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_real(name, value)
+                if not value > 0:
+                    raise ValueError(f"{name} must be None (no cap) or > 0 (cap * tanh(z / cap)), got {value}")
+
+    @property
+    def per_row_alpha(self) -> bool:
+        return isinstance(self.alpha, torch.Tensor)
 
     @property
     def kd_scale(self) -> float:
@@ -76,9 +111,14 @@ class KDOptions:
         return self.temperature**2 if self.temperature_scaling else 1.0
 
     def row_params(self, vocab_size: int, has_negative: bool, has_labels: bool) -> RowParams:
-        use_negative = has_negative and self.alpha != 0.0
+        """The row kernels' view of these options.
+
+        The negative path is used when it is given and ``alpha`` is a tensor or a nonzero float.
+        """
+        per_row = self.per_row_alpha
+        use_negative = has_negative and (per_row or self.alpha != 0.0)
         return RowParams(
-            alpha=float(self.alpha) if use_negative else 0.0,
+            alpha=0.0 if per_row or not use_negative else float(self.alpha),
             inv_temperature=1.0 / float(self.temperature),
             beta=float(self.beta),
             log_plausibility=math.log(self.plausibility) if self.plausibility > 0 else None,
@@ -86,16 +126,30 @@ class KDOptions:
             has_labels=has_labels,
             ignore_index=int(self.ignore_index),
             vocab_size=int(vocab_size),
+            per_row_alpha=per_row and use_negative,
+            student_scale=float(self.student_logit_scale),
+            teacher_scale=float(self.teacher_logit_scale),
+            student_softcap=None if self.student_softcap is None else float(self.student_softcap),
+            teacher_softcap=None if self.teacher_softcap is None else float(self.teacher_softcap),
         )
+
+    def replace(self, **changes: object) -> KDOptions:
+        """A copy with some fields changed (validated again)."""
+        fields = dict(self.__dict__)
+        fields.update(changes)
+        return KDOptions(**fields)
 
 
 @dataclass(frozen=True)
 class RowParams:
     """What a row kernel needs to know; weights, reductions and ``tau**2`` stay in the op.
 
-    ``log_plausibility`` is ``None`` when the cutoff is off. ``alpha`` is 0 and ``has_negative``
-    False when there is no negative path. ``vocab_size`` is the student's: teacher columns at or
-    past it are never read.
+    ``log_plausibility`` is ``None`` when the cutoff is off. ``alpha`` is the scalar alpha (0 and
+    ``has_negative`` False when there is no negative path); with ``per_row_alpha`` the kernels
+    take the float32 ``[rows]`` tensor ``alpha_rows`` instead. ``vocab_size`` is the student's:
+    teacher columns at or past it are never read. ``has_labels``: CE is computed from the labels
+    (when False, a ``labels`` tensor only marks ignored rows). Scales and softcaps are the
+    per-path logit transforms (a cap of ``None`` is off).
     """
 
     alpha: float
@@ -106,6 +160,11 @@ class RowParams:
     has_labels: bool
     ignore_index: int
     vocab_size: int
+    per_row_alpha: bool = False
+    student_scale: float = 1.0
+    teacher_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
 
     @property
     def divergence(self) -> str:
@@ -150,34 +209,37 @@ def check_labels(labels: object, leading_shape: torch.Size, device: torch.device
     return labels
 
 
-def check_no_nan(named_tensors: dict[str, torch.Tensor | None]) -> None:
-    """Raise a ValueError naming the first tensor that holds a NaN; one host synchronisation.
-
-    A single fp32 sum per tensor screens them (a NaN anywhere makes the sum NaN; ``-inf`` entries
-    alone do not), so no ``[rows x V]`` boolean mask is built; only a tensor whose sum is NaN
-    (a NaN, or ``+inf`` and ``-inf`` together) is inspected element by element.
-    """
-    present = {name: t for name, t in named_tensors.items() if t is not None and t.numel()}
-    if not present:
+def check_mask(mask: object, leading_shape: torch.Size, device: torch.device, student_name: str) -> None:
+    """``mask`` is ``None`` or a bool tensor with the student's leading shape, on its device."""
+    if mask is None:
         return
-    sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype != torch.float64 else t.sum().float()
-                        for t in present.values()])
-    suspicious = torch.isnan(sums).tolist()
-    for (name, tensor), suspect in zip(present.items(), suspicious):
-        if suspect and bool(torch.isnan(tensor).any()):
-            raise ValueError(f"{name} contains NaN; pass check_finite=False to skip this check")
-
-
-def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    valid = labels != ignore_index
-    if bool(((labels < 0) | (labels >= vocab_size)).logical_and(valid).any()):
-        bad = labels[valid & ((labels < 0) | (labels >= vocab_size))][:5].tolist()
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True rows count, False rows are ignored), got {mask.dtype}")
+    if mask.shape != leading_shape:
         raise ValueError(
-            f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}"
+            f"mask must have the leading shape of {student_name} {tuple(leading_shape)}, got {tuple(mask.shape)}"
         )
+    if mask.device != device:
+        raise ValueError(f"mask must be on {device} like {student_name}, got {mask.device}")
+
+
+def check_alpha_tensor(alpha: object, leading_shape: torch.Size, device: torch.device, student_name: str) -> None:
+    """A per-row ``alpha`` has the student's leading shape and device (its values are checked later)."""
+    if not isinstance(alpha, torch.Tensor):
+        return
+    if alpha.shape != leading_shape:
+        raise ValueError(
+            f"alpha as a tensor must have the leading shape of {student_name} {tuple(leading_shape)} (one value "
+            f"per row), got {tuple(alpha.shape)}"
+        )
+    if alpha.device != device:
+        raise ValueError(f"alpha must be on {device} like {student_name}, got {alpha.device}")
 
 
 def check_num_items(num_items_in_batch: object, reduction: str) -> None:
+    """Type and host-side value checks; a tensor's value is checked in the op's one host sync."""
     if num_items_in_batch is None:
         return
     if reduction != "mean":
@@ -185,9 +247,11 @@ def check_num_items(num_items_in_batch: object, reduction: str) -> None:
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must be a real scalar tensor, got {num_items_in_batch.dtype}")
         return
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         kind = type(num_items_in_batch).__name__
         raise TypeError(f"num_items_in_batch must be a number or a scalar tensor, got {kind}")
-    if num_items_in_batch <= 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    if not num_items_in_batch > 0 or not math.isfinite(float(num_items_in_batch)):
+        raise ValueError(f"num_items_in_batch must be > 0 and finite, got {num_items_in_batch}")

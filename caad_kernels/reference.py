@@ -14,21 +14,32 @@ import torch
 from caad_kernels.options import KDOptions
 
 
+def softcap(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(scale * logits / cap)`` (just ``scale * logits`` without a cap); ``-inf`` stays ``-inf``."""
+    z = logits * scale if scale != 1.0 else logits
+    if cap is None:
+        return z
+    return torch.where(torch.isneginf(z), z, cap * torch.tanh(z / cap))
+
+
 def contrastive_teacher_logits(
     teacher_logits: torch.Tensor,
     teacher_negative_logits: torch.Tensor | None,
-    alpha: float,
+    alpha: float | torch.Tensor,
     plausibility: float,
 ) -> torch.Tensor:
-    """``z_hat = (1 + alpha) * z_pos - alpha * z_neg``, with the plausibility cutoff applied.
+    """``z_hat = z_pos + alpha * (z_pos - z_neg)``, with the plausibility cutoff applied.
 
-    A token with ``z_pos = -inf`` stays at ``-inf`` whatever ``z_neg`` says (no ``inf - inf``).
+    ``alpha`` is a float or a tensor of the leading shape (one value per row). A token with
+    ``z_pos = -inf`` stays at ``-inf`` whatever ``z_neg`` says (no ``inf - inf``).
     """
     z_pos = teacher_logits
-    if teacher_negative_logits is None or alpha == 0:
+    per_row = isinstance(alpha, torch.Tensor)
+    if teacher_negative_logits is None or (not per_row and alpha == 0):
         z_hat = z_pos.clone()
     else:
-        z_hat = (1 + alpha) * z_pos - alpha * teacher_negative_logits
+        a = alpha.to(z_pos.dtype).unsqueeze(-1) if per_row else alpha
+        z_hat = z_pos + a * (z_pos - teacher_negative_logits)
         z_hat = torch.where(torch.isneginf(z_pos), z_pos, z_hat)
     if plausibility > 0:
         cutoff = z_pos.amax(dim=-1, keepdim=True) + math.log(plausibility)
@@ -58,6 +69,7 @@ def contrastive_kd_loss_reference(
     teacher_negative_logits: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
+    mask: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
     **options: object,
@@ -65,25 +77,32 @@ def contrastive_kd_loss_reference(
     """Materialising reference of ``contrastive_kd_loss``; returns ``(loss, kd_loss, ce_loss)``.
 
     Differentiable with respect to ``student_logits`` through plain autograd. The loss is
-    returned in ``compute_dtype``.
+    returned in ``compute_dtype``. ``mask`` (bool, leading shape) drops rows like ``ignore_index``.
     """
     opts = KDOptions(**{k: v for k, v in options.items() if k not in ("return_components",)})
     vocab = student_logits.shape[-1]
-    s = student_logits.to(compute_dtype)
-    z_pos = teacher_logits[..., :vocab].to(compute_dtype)
-    z_neg = None if teacher_negative_logits is None else teacher_negative_logits[..., :vocab].to(compute_dtype)
+    s = softcap(student_logits.to(compute_dtype), opts.student_logit_scale, opts.student_softcap)
 
-    z_hat = contrastive_teacher_logits(z_pos, z_neg, opts.alpha, opts.plausibility)
+    def teacher_path(logits: torch.Tensor | None) -> torch.Tensor | None:
+        if logits is None:
+            return None
+        return softcap(logits[..., :vocab].to(compute_dtype), opts.teacher_logit_scale, opts.teacher_softcap)
+
+    z_pos, z_neg = teacher_path(teacher_logits), teacher_path(teacher_negative_logits)
+    alpha = opts.alpha.to(compute_dtype) if opts.per_row_alpha else opts.alpha
+    z_hat = contrastive_teacher_logits(z_pos, z_neg, alpha, opts.plausibility)
     tau = opts.temperature
     teacher_log_probs = torch.log_softmax(z_hat / tau, dim=-1)
     student_log_probs = torch.log_softmax(s / tau, dim=-1)
     kd = divergence(teacher_log_probs, student_log_probs, opts.beta) * opts.kd_scale
 
+    valid = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)
+    if mask is not None:
+        valid = valid & mask
     if labels is None:
-        valid = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)
         ce = torch.zeros(s.shape[:-1], dtype=compute_dtype, device=s.device)
     else:
-        valid = labels != opts.ignore_index
+        valid = valid & (labels != opts.ignore_index)
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
         ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros((), dtype=compute_dtype, device=s.device)
@@ -117,7 +136,7 @@ def fused_linear_contrastive_kd_loss_reference(
     compute_dtype: torch.dtype = torch.float32,
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Materialising reference of the fused-linear op: full logits, then the logits reference."""
+    """Materialising reference of the fused-linear op: full logits (two teacher GEMMs), then the logits reference."""
 
     def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = hidden.to(compute_dtype) @ weight.to(compute_dtype).T

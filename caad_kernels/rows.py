@@ -8,6 +8,7 @@ dimensions cannot be folded into two, is copied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,7 @@ def as_row_views(*tensors: torch.Tensor | None) -> list[RowView | None]:
     elif len(groups) > 2:
         views = [RowView(t.reshape(-1, t.shape[-1]).contiguous().unsqueeze(0)) for t in present]
     else:
-        sizes = [int(torch.tensor([lead[d] for d in g]).prod()) for g in groups]
+        sizes = [math.prod(lead[d] for d in g) for g in groups]
         views = []
         for t in present:
             strides = [t.stride(g[-1]) for g in groups]

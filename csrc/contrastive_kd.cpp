@@ -11,7 +11,9 @@
 // Forward and reverse KL take one sweep per row (an online softmax with the recurrence
 // W' = exp(da) (W + S (da - db)) when the maxima move by da, db); the plausibility cutoff adds a
 // first sweep for max z_pos, the mixture a second sweep once lse_a and lse_b are known.
-// Rows whose label is ignore_index are skipped: kd = ce = 0, stats 0, gradient 0.
+// Rows whose label is ignore_index are skipped: kd = ce = 0, stats 0, gradient 0, never read.
+// Each path's logits go through its scale and softcap first (student and both teacher paths); the kernels
+// flag NaN/+inf inputs and bad labels per row while they read the rows (kd, ce, stats NaN for those rows).
 // loss_and_grad (coefficients known in advance) runs a row's gradient sweep right after its forward
 // sweeps while the row is still in cache, with log p and log q taken from the row's maxima and sums
 // rather than from the rounded lse; split rows write gradients only after all segments have merged.
@@ -41,6 +43,8 @@ namespace caad {
 constexpr int64_t kTile = 2048;             // columns per float32 tile (8 KiB per buffer)
 constexpr int64_t kMinSegmentColumns = 4096;  // never split a row into pieces smaller than this
 constexpr int64_t kIgnored = -2;              // row label marker: ignore_index (-1: no label)
+// Row flags (caad_kernels.validation): NaN/+inf in a path, -inf in z_neg where z_pos is finite, a bad label.
+constexpr int kFlagStudent = 1, kFlagTeacher = 2, kFlagNegative = 4, kFlagLabel = 8;
 
 enum class DType : int { kF32, kBF16, kF16 };
 enum class Divergence : int { kForward, kReverse, kMixture };
@@ -67,6 +71,9 @@ struct RowJob {
   bool has_negative = false, cutoff = false;
   float alpha = 0.f, inv_temperature = 1.f, beta = 0.f, log_plausibility = 0.f;
   float log_beta = 0.f, log_one_minus_beta = 0.f;
+  const float* alpha_rows = nullptr;  // per-row alpha (float32 [rows]) or nullptr for `alpha`
+  // per-path logit transforms: x -> cap * tanh(scale * x / cap) (cap 0: scale * x only)
+  float student_scale = 1.f, teacher_scale = 1.f, student_cap = 0.f, teacher_cap = 0.f;
   Divergence divergence = Divergence::kForward;
   DType grad_dt = DType::kF32;
 };
@@ -76,6 +83,7 @@ struct RowJob {
 struct Partial {
   float ma = -FLT_MAX, ms = -FLT_MAX;
   float sa = 0.f, sb = 0.f, ss = 0.f, w = 0.f;
+  int flags = 0;  // row flags found while reading these columns
 };
 
 // Per-row inputs of the gradient sweep. The log-probabilities are formed as
@@ -105,7 +113,14 @@ inline void merge_partial(Partial& acc, const Partial& x, float inv_t, Divergenc
   float sa = 0.f, sb = 0.f, ss = 0.f, w = 0.f;
   fold(acc, &sa, &sb, &ss, &w);
   fold(x, &sa, &sb, &ss, &w);
-  acc = Partial{ma, ms, sa, sb, ss, w};
+  acc = Partial{ma, ms, sa, sb, ss, w, acc.flags | x.flags};
+}
+
+// softcap(scale * x) of one value, as the tiles' transform_tile (with the library tanh).
+inline float transform_scalar(float x, float scale, float cap) {
+  const float xs = x * scale;
+  if (cap <= 0.f || xs == -INFINITY) return xs;
+  return cap * std::tanh(xs / cap);
 }
 
 namespace generic {
@@ -185,26 +200,41 @@ Src make_src(const at::Tensor& t, const char* name, int64_t batch, int64_t seq, 
   return s;
 }
 
+// `scalars` = [alpha, inv_temperature, beta, log_plausibility, student_scale, teacher_scale, student_cap,
+// teacher_cap] (a cap of 0 is off); `alpha_rows` a float32 [rows] tensor replacing alpha per row.
 RowJob make_job(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& negative,
-                double alpha, double inv_temperature, double beta, double log_plausibility, bool cutoff,
+                const std::optional<at::Tensor>& alpha_rows, const std::vector<double>& scalars, bool cutoff,
                 int64_t vocab) {
+  TORCH_CHECK(scalars.size() == 8, "caad cpp backend: expected 8 scalars, got ", scalars.size());
+  const double alpha = scalars[0], inv_temperature = scalars[1], beta = scalars[2], log_plausibility = scalars[3];
   TORCH_CHECK(student.dim() == 3, "caad cpp backend: student must be a [B, T, V] view");
   TORCH_CHECK(vocab >= 1 && student.size(2) == vocab, "caad cpp backend: vocab_size ", vocab,
               " must equal the student's width ", student.size(2));
   TORCH_CHECK(inv_temperature > 0, "caad cpp backend: inv_temperature must be > 0");
   TORCH_CHECK(beta >= 0 && beta <= 1, "caad cpp backend: beta must be in [0, 1]");
   TORCH_CHECK(!(cutoff && beta == 1.0), "caad cpp backend: reverse KL with a plausibility cutoff is infinite");
+  TORCH_CHECK(scalars[4] > 0 && scalars[5] > 0, "caad cpp backend: logit scales must be > 0");
   const int64_t batch = student.size(0), seq = student.size(1);
   RowJob job;
   job.student = make_src(student, "student", batch, seq, vocab);
   job.zpos = make_src(teacher, "teacher", batch, seq, vocab);
   job.has_negative = negative.has_value();
   if (job.has_negative) job.zneg = make_src(*negative, "negative", batch, seq, vocab);
+  if (alpha_rows.has_value()) {
+    const at::Tensor& a = *alpha_rows;
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() && a.numel() == batch * seq,
+                "caad cpp backend: alpha_rows must be a contiguous float32 CPU tensor of ", batch * seq, " elements");
+    job.alpha_rows = a.data_ptr<float>();
+  }
   job.cutoff = cutoff;
   job.alpha = static_cast<float>(alpha);
   job.inv_temperature = static_cast<float>(inv_temperature);
   job.beta = static_cast<float>(beta);
   job.log_plausibility = static_cast<float>(log_plausibility);
+  job.student_scale = static_cast<float>(scalars[4]);
+  job.teacher_scale = static_cast<float>(scalars[5]);
+  job.student_cap = static_cast<float>(scalars[6]);
+  job.teacher_cap = static_cast<float>(scalars[7]);
   job.divergence = beta == 0.0 ? Divergence::kForward : (beta == 1.0 ? Divergence::kReverse : Divergence::kMixture);
   if (job.divergence == Divergence::kMixture) {
     job.log_beta = static_cast<float>(std::log(beta));
@@ -214,10 +244,12 @@ RowJob make_job(const at::Tensor& student, const at::Tensor& teacher, const std:
   return job;
 }
 
-// Valid-row mask from the labels (all rows when there are none); checks the label range.
+// Per-row CE label (-1: none), or kIgnored for ignore_index rows. Without `has_ce` the labels only mark
+// ignored rows. A label outside [0, vocab) sets kFlagLabel in `flags` (the row gets NaN, the op raises).
 std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t rows, int64_t ignore_index,
-                                int64_t vocab) {
+                                int64_t vocab, bool has_ce, std::vector<int>& flags) {
   std::vector<int64_t> out(rows, -1);
+  flags.assign(rows, 0);
   if (!labels.has_value()) return out;
   const at::Tensor& y = *labels;
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.is_contiguous() && y.numel() == rows,
@@ -226,11 +258,13 @@ std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t
   for (int64_t i = 0; i < rows; ++i) {
     if (p[i] == ignore_index) {
       out[i] = kIgnored;
-      continue;
+    } else if (has_ce) {
+      if (p[i] >= 0 && p[i] < vocab) {
+        out[i] = p[i];
+      } else {
+        flags[i] = kFlagLabel;
+      }
     }
-    TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "caad cpp backend: label ", p[i], " at row ", i, " is outside [0, ",
-                vocab, ") and is not ignore_index=", ignore_index);
-    out[i] = p[i];
   }
   return out;
 }
@@ -266,11 +300,19 @@ struct ForwardOut {
   float* kd;
   float* ce;
   float* stats;
+  int32_t* flags;
 };
 
-// Final per-row values from the merged state (and the mixture's sums).
+// Final per-row values from the merged state (and the mixture's sums). A flagged row gets NaN everywhere.
 void finalize_row(const RowJob& job, int64_t row, int64_t label, float zmax, const Partial& st, float kl_pm,
-                  float kl_qm, const ForwardOut& out) {
+                  float kl_qm, int flags, const ForwardOut& out) {
+  out.flags[row] = flags;
+  float* s = out.stats + row * 5;
+  if (flags != 0) {
+    out.kd[row] = out.ce[row] = NAN;
+    std::fill(s, s + 5, NAN);
+    return;
+  }
   const double log_sa = std::log(static_cast<double>(st.sa)), log_sb = std::log(static_cast<double>(st.sb));
   const double inv_t = job.inv_temperature;
   double kd = 0.0, kl_aux = 0.0;
@@ -287,40 +329,50 @@ void finalize_row(const RowJob& job, int64_t row, int64_t label, float zmax, con
       kl_aux = kl_qm;
       break;
   }
-  const double lse_s = st.ms + std::log(static_cast<double>(st.ss));
-  float* s = out.stats + row * 5;
+  const double log_ss = std::log(static_cast<double>(st.ss));
   s[0] = static_cast<float>(st.ma + log_sa);
   s[1] = static_cast<float>(st.ms * inv_t + log_sb);
-  s[2] = static_cast<float>(lse_s);
+  s[2] = static_cast<float>(st.ms + log_ss);
   s[3] = static_cast<float>(kl_aux);
   s[4] = job.cutoff ? zmax : 0.f;
   out.kd[row] = static_cast<float>(kd);
-  out.ce[row] = label >= 0 ? static_cast<float>(lse_s - read_scalar(job.student, row, label)) : 0.f;
+  if (label >= 0) {
+    // (max - s_y) + log S keeps the precision of large logits (and s_y = max in the limit of +inf)
+    const float s_y = transform_scalar(read_scalar(job.student, row, label), job.student_scale, job.student_cap);
+    out.ce[row] = static_cast<float>((static_cast<double>(st.ms) - s_y) + log_ss);
+  } else {
+    out.ce[row] = 0.f;
+  }
 }
 
 void zero_row(int64_t row, const ForwardOut& out) {
   out.kd[row] = 0.f;
   out.ce[row] = 0.f;
+  out.flags[row] = 0;
   std::fill(out.stats + row * 5, out.stats + row * 5 + 5, 0.f);
 }
 
-// Where the fused pass writes the gradient (absent for the forward alone).
+// Where the fused pass writes the gradient (absent for the forward alone). Rows are `row_stride` bytes apart
+// (the fused-linear op pads them), of which the first `row_bytes` are the row's V entries.
 struct GradOut {
   const float* coef_kd;
   const float* coef_ce;  // nullptr without labels
   char* base;
   size_t row_bytes;
+  size_t row_stride;
 };
 
-// The gradient sweep's inputs for a row from its merged forward state (finalize_row has run).
+// The gradient sweep's inputs for a row from its merged forward state (finalize_row has run). A flagged row
+// gets NaN offsets, hence a NaN gradient wherever its coefficients are nonzero.
 RowStats fused_row_stats(const RowJob& job, int64_t row, int64_t label, float zmax, const Partial& st,
                          const ForwardOut& out, const GradOut& g) {
   const bool ignored = label == kIgnored;
+  const float bad = out.flags[row] != 0 ? NAN : 0.f;
   return RowStats{st.ma,
-                  std::log(st.sa),
+                  std::log(st.sa) + bad,
                   st.ms,
-                  std::log(st.sb),
-                  std::log(st.ss),
+                  std::log(st.sb) + bad,
+                  std::log(st.ss) + bad,
                   out.stats[row * 5 + 3],
                   zmax + job.log_plausibility,
                   ignored ? 0.f : g.coef_kd[row],
@@ -335,19 +387,32 @@ void check_f32_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t
 }
 
 void check_grad(const at::Tensor& grad, const at::Tensor& student, int64_t rows, int64_t vocab) {
-  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.numel() == rows * vocab &&
+  TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 2 && grad.size(0) == rows && grad.size(1) == vocab &&
+                  (grad.stride(1) == 1 || vocab <= 1) && (grad.stride(0) >= vocab || rows <= 1) &&
                   grad.scalar_type() == student.scalar_type(),
-              "caad cpp backend: grad must be a contiguous CPU tensor of ", rows, " x ", vocab,
-              " elements in the student's dtype");
+              "caad cpp backend: grad must be a [", rows, ", ", vocab,
+              "] CPU tensor with unit column stride in the student's dtype");
+}
+
+GradOut make_grad_out(const at::Tensor& grad, const float* coef_kd, const float* coef_ce, int64_t vocab, DType dt) {
+  const size_t size = dtype_size(dt);
+  const int64_t stride = grad.size(0) > 1 ? grad.stride(0) : vocab;
+  return GradOut{coef_kd, coef_ce, static_cast<char*>(grad.data_ptr()), static_cast<size_t>(vocab) * size,
+                 static_cast<size_t>(stride) * size};
+}
+
+// The teacher's maximum after its transform (monotone, so transform of the raw maximum).
+inline float transformed_zmax(const RowJob& job, float raw) {
+  return transform_scalar(raw, job.teacher_scale, job.teacher_cap);
 }
 
 // The forward sweeps of every row; with `grad`, each row's gradient sweep follows its forward
 // sweeps. With one unit per row that happens inside the same loop iteration (the row is still in
 // cache; the row is read in full before its first gradient tile is written, so grad may alias the
 // student). With split rows the gradient units run only after every row's segments have been merged
-// (the loops are separated by the implicit barrier of `omp parallel for`).
+// (the loops are separated by the implicit barrier of `omp parallel for`). Ignored rows are never read.
 void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vector<int64_t>& label,
-                  const ForwardOut& out, const GradOut* grad) {
+                  const std::vector<int>& label_flags, const ForwardOut& out, const GradOut* grad) {
   const Kernels& K = *g_kernels;
   const bool mixture = job.divergence == Divergence::kMixture;
   const int64_t segs = segments_per_row(rows, vocab);
@@ -357,18 +422,18 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
     for (int64_t row = 0; row < rows; ++row) {
       if (label[row] == kIgnored) {
         zero_row(row, out);
-        if (grad != nullptr) std::memset(grad->base + row * grad->row_bytes, 0, grad->row_bytes);
+        if (grad != nullptr) std::memset(grad->base + row * grad->row_stride, 0, grad->row_bytes);
         continue;
       }
-      const float zmax = job.cutoff ? K.zmax(job, row, 0, vocab) : 0.f;
+      const float zmax = job.cutoff ? transformed_zmax(job, K.zmax(job, row, 0, vocab)) : 0.f;
       const float zthr = zmax + job.log_plausibility;
       const Partial st = K.main(job, row, 0, vocab, zthr);
       float pm = 0.f, qm = 0.f;
       if (mixture) K.mixture(job, row, 0, vocab, zthr, st, &pm, &qm);
-      finalize_row(job, row, label[row], zmax, st, pm, qm, out);
+      finalize_row(job, row, label[row], zmax, st, pm, qm, st.flags | label_flags[row], out);
       if (grad != nullptr) {
         const RowStats rs = fused_row_stats(job, row, label[row], zmax, st, out, *grad);
-        K.backward(job, row, 0, vocab, rs, grad->base + row * grad->row_bytes);
+        K.backward(job, row, 0, vocab, rs, grad->base + row * grad->row_stride);
       }
     }
     return;
@@ -386,7 +451,8 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
       }
     }
     for (int64_t row = 0; row < rows; ++row) {
-      zmax[row] = *std::max_element(part_zmax.begin() + row * segs, part_zmax.begin() + (row + 1) * segs);
+      zmax[row] = transformed_zmax(
+          job, *std::max_element(part_zmax.begin() + row * segs, part_zmax.begin() + (row + 1) * segs));
     }
   }
   std::vector<Partial> part(units);
@@ -421,7 +487,8 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
       row_pm += pm[row * segs + seg];
       row_qm += qm[row * segs + seg];
     }
-    finalize_row(job, row, label[row], zmax[row], state[row], row_pm, row_qm, out);
+    finalize_row(job, row, label[row], zmax[row], state[row], row_pm, row_qm, state[row].flags | label_flags[row],
+                 out);
   }
   if (grad == nullptr) return;
   // every segment of every row has been read and merged: now the segments may write their gradients
@@ -433,75 +500,83 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
   for (int64_t u = 0; u < units; ++u) {
     const int64_t row = u / segs, seg = u % segs;
     K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), row_stats[row],
-               grad->base + row * grad->row_bytes);
+               grad->base + row * grad->row_stride);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // entry points
+//
+// `scalars` = [alpha, inv_temperature, beta, log_plausibility, student_scale, teacher_scale, student_cap,
+// teacher_cap]; `has_ce`: labels hold CE classes (else they only mark ignored rows).
+
+std::vector<at::Tensor> forward_outputs(int64_t rows) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  return {at::empty({rows}, opts), at::empty({rows}, opts), at::empty({rows, 5}, opts),
+          at::empty({rows}, at::TensorOptions().dtype(at::kInt).device(at::kCPU))};
+}
+
+ForwardOut forward_out(std::vector<at::Tensor>& t) {
+  return ForwardOut{t[0].data_ptr<float>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), t[3].data_ptr<int32_t>()};
+}
 
 std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& teacher,
                                 const std::optional<at::Tensor>& negative, const std::optional<at::Tensor>& labels,
-                                double alpha, double inv_temperature, double beta, double log_plausibility,
-                                bool cutoff, int64_t ignore_index, int64_t vocab) {
-  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
-                              vocab);
+                                const std::optional<at::Tensor>& alpha_rows, const std::vector<double>& scalars,
+                                bool cutoff, bool has_ce, int64_t ignore_index, int64_t vocab) {
+  const RowJob job = make_job(student, teacher, negative, alpha_rows, scalars, cutoff, vocab);
   const int64_t rows = student.size(0) * student.size(1);
-  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
-  at::Tensor kd = at::empty({rows}, opts), ce = at::empty({rows}, opts), stats = at::empty({rows, 5}, opts);
-  if (rows == 0) return {kd, ce, stats};
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
-  const ForwardOut out{kd.data_ptr<float>(), ce.data_ptr<float>(), stats.data_ptr<float>()};
-  forward_impl(job, rows, vocab, label, out, nullptr);
-  return {kd, ce, stats};
+  std::vector<at::Tensor> result = forward_outputs(rows);
+  if (rows == 0) return result;
+  std::vector<int> label_flags;
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab, has_ce, label_flags);
+  forward_impl(job, rows, vocab, label, label_flags, forward_out(result), nullptr);
+  return result;
 }
 
 // forward and backward in one pass for coefficients known in advance; returns what forward returns
 // and writes grad (which may alias the student).
 std::vector<at::Tensor> loss_and_grad(const at::Tensor& student, const at::Tensor& teacher,
                                       const std::optional<at::Tensor>& negative,
-                                      const std::optional<at::Tensor>& labels, const at::Tensor& coef_kd,
-                                      const at::Tensor& coef_ce, double alpha, double inv_temperature, double beta,
-                                      double log_plausibility, bool cutoff, int64_t ignore_index, int64_t vocab,
-                                      at::Tensor& grad) {
-  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
-                              vocab);
+                                      const std::optional<at::Tensor>& labels,
+                                      const std::optional<at::Tensor>& alpha_rows, const at::Tensor& coef_kd,
+                                      const at::Tensor& coef_ce, const std::vector<double>& scalars, bool cutoff,
+                                      bool has_ce, int64_t ignore_index, int64_t vocab, at::Tensor& grad) {
+  const RowJob job = make_job(student, teacher, negative, alpha_rows, scalars, cutoff, vocab);
   const int64_t rows = student.size(0) * student.size(1);
   check_f32_rows(coef_kd, "coef_kd", rows, 1);
   check_f32_rows(coef_ce, "coef_ce", rows, 1);
   check_grad(grad, student, rows, vocab);
-  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
-  at::Tensor kd = at::empty({rows}, opts), ce = at::empty({rows}, opts), stats = at::empty({rows, 5}, opts);
-  if (rows == 0) return {kd, ce, stats};
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
-  const ForwardOut out{kd.data_ptr<float>(), ce.data_ptr<float>(), stats.data_ptr<float>()};
-  const GradOut g{coef_kd.data_ptr<float>(), labels.has_value() ? coef_ce.data_ptr<float>() : nullptr,
-                  static_cast<char*>(grad.data_ptr()), static_cast<size_t>(vocab) * dtype_size(job.grad_dt)};
-  forward_impl(job, rows, vocab, label, out, &g);
-  return {kd, ce, stats};
+  std::vector<at::Tensor> result = forward_outputs(rows);
+  if (rows == 0) return result;
+  std::vector<int> label_flags;
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab, has_ce, label_flags);
+  const GradOut g = make_grad_out(grad, coef_kd.data_ptr<float>(), has_ce ? coef_ce.data_ptr<float>() : nullptr,
+                                  vocab, job.grad_dt);
+  forward_impl(job, rows, vocab, label, label_flags, forward_out(result), &g);
+  return result;
 }
 
 void backward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& negative,
-              const std::optional<at::Tensor>& labels, const at::Tensor& stats, const at::Tensor& coef_kd,
-              const at::Tensor& coef_ce, double alpha, double inv_temperature, double beta, double log_plausibility,
-              bool cutoff, int64_t ignore_index, int64_t vocab, at::Tensor& grad) {
-  const RowJob job = make_job(student, teacher, negative, alpha, inv_temperature, beta, log_plausibility, cutoff,
-                              vocab);
+              const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& alpha_rows,
+              const at::Tensor& stats, const at::Tensor& coef_kd, const at::Tensor& coef_ce,
+              const std::vector<double>& scalars, bool cutoff, bool has_ce, int64_t ignore_index, int64_t vocab,
+              at::Tensor& grad) {
+  const RowJob job = make_job(student, teacher, negative, alpha_rows, scalars, cutoff, vocab);
   const int64_t rows = student.size(0) * student.size(1);
   check_f32_rows(stats, "stats", rows, 5);
   check_f32_rows(coef_kd, "coef_kd", rows, 1);
   check_f32_rows(coef_ce, "coef_ce", rows, 1);
   check_grad(grad, student, rows, vocab);
   if (rows == 0) return;
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab);
+  std::vector<int> label_flags;
+  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab, has_ce, label_flags);
   const float* st = stats.data_ptr<float>();
   const float* ckd = coef_kd.data_ptr<float>();
   const float* cce = coef_ce.data_ptr<float>();
-  char* gbase = static_cast<char*>(grad.data_ptr());
-  const size_t row_bytes = static_cast<size_t>(vocab) * dtype_size(job.grad_dt);
+  const GradOut g = make_grad_out(grad, ckd, cce, vocab, job.grad_dt);
   const Kernels& K = *g_kernels;
   const int64_t segs = segments_per_row(rows, vocab), units = rows * segs;
-  const bool has_labels = labels.has_value();
 
 #pragma omp parallel for schedule(dynamic, dynamic_chunk(units))
   for (int64_t u = 0; u < units; ++u) {
@@ -509,9 +584,9 @@ void backward(const at::Tensor& student, const at::Tensor& teacher, const std::o
     const float* s = st + row * 5;
     const bool ignored = label[row] == kIgnored;
     RowStats rs{s[0], 0.f, 0.f, s[1], s[2], s[3], s[4] + job.log_plausibility, ignored ? 0.f : ckd[row],
-                ignored || !has_labels ? 0.f : cce[row], ignored ? -1 : label[row]};
+                ignored || !has_ce ? 0.f : cce[row], ignored ? -1 : label[row]};
     K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), rs,
-               gbase + row * row_bytes);
+               g.base + row * g.row_stride);
   }
 }
 
@@ -534,26 +609,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "caad_kernels C++ (OpenMP) CPU row kernels of the contrastive KD loss";
   m.def("forward", &caad::forward, py::call_guard<py::gil_scoped_release>(),
-        "forward(student, teacher, negative, labels, alpha, inv_temperature, beta, log_plausibility, cutoff, "
-        "ignore_index, vocab) -> [kd, ce, stats]",
-        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha"),
-        py::arg("inv_temperature"), py::arg("beta"), py::arg("log_plausibility"), py::arg("cutoff"),
-        py::arg("ignore_index"), py::arg("vocab"));
+        "forward(student, teacher, negative, labels, alpha_rows, scalars, cutoff, has_ce, ignore_index, vocab) -> "
+        "[kd, ce, stats, flags]; scalars = [alpha, inv_temperature, beta, log_plausibility, student_scale, "
+        "teacher_scale, student_cap, teacher_cap]",
+        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha_rows"),
+        py::arg("scalars"), py::arg("cutoff"), py::arg("has_ce"), py::arg("ignore_index"), py::arg("vocab"));
   m.def("backward", &caad::backward, py::call_guard<py::gil_scoped_release>(),
-        "backward(student, teacher, negative, labels, stats, coef_kd, coef_ce, alpha, inv_temperature, beta, "
-        "log_plausibility, cutoff, ignore_index, vocab, grad) -> None (writes grad)",
-        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("stats"),
-        py::arg("coef_kd"), py::arg("coef_ce"), py::arg("alpha"), py::arg("inv_temperature"), py::arg("beta"),
-        py::arg("log_plausibility"), py::arg("cutoff"), py::arg("ignore_index"), py::arg("vocab"),
-        py::arg("grad"));
+        "backward(student, teacher, negative, labels, alpha_rows, stats, coef_kd, coef_ce, scalars, cutoff, has_ce, "
+        "ignore_index, vocab, grad) -> None (writes grad)",
+        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha_rows"),
+        py::arg("stats"), py::arg("coef_kd"), py::arg("coef_ce"), py::arg("scalars"), py::arg("cutoff"),
+        py::arg("has_ce"), py::arg("ignore_index"), py::arg("vocab"), py::arg("grad"));
   m.def("loss_and_grad", &caad::loss_and_grad, py::call_guard<py::gil_scoped_release>(),
-        "loss_and_grad(student, teacher, negative, labels, coef_kd, coef_ce, alpha, inv_temperature, beta, "
-        "log_plausibility, cutoff, ignore_index, vocab, grad) -> [kd, ce, stats] (and writes grad, which may "
-        "alias the student)",
-        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("coef_kd"),
-        py::arg("coef_ce"), py::arg("alpha"), py::arg("inv_temperature"), py::arg("beta"),
-        py::arg("log_plausibility"), py::arg("cutoff"), py::arg("ignore_index"), py::arg("vocab"),
-        py::arg("grad"));
+        "loss_and_grad(student, teacher, negative, labels, alpha_rows, coef_kd, coef_ce, scalars, cutoff, has_ce, "
+        "ignore_index, vocab, grad) -> [kd, ce, stats, flags] (and writes grad, which may alias the student)",
+        py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha_rows"),
+        py::arg("coef_kd"), py::arg("coef_ce"), py::arg("scalars"), py::arg("cutoff"), py::arg("has_ce"),
+        py::arg("ignore_index"), py::arg("vocab"), py::arg("grad"));
   m.def("isa", &caad::isa, "name of the kernel set in use: 'avx2' or 'generic'");
   m.def("set_isa", &caad::set_isa, "testing hook: 'generic' forces the baseline kernels, 'auto' restores");
 }

@@ -9,10 +9,11 @@
 //
 // Requires, before inclusion: <cstdint>, <cfloat>, <cmath>, c10::Half, <immintrin.h> when
 // CAAD_TILES_F16C is defined, and the shared definitions of contrastive_kd.cpp: `kTile`, `DType`,
-// `dtype_size`, `Divergence`, `TempMode`, `Src`, `RowJob`, `Partial`, `RowStats`, `merge_partial`.
+// `dtype_size`, `Divergence`, `TempMode`, `Src`, `RowJob`, `Partial`, `RowStats`, `merge_partial` and the
+// row-flag bits `kFlagStudent`, `kFlagTeacher`, `kFlagNegative`.
 //
-// Conventions (DESIGN.md section 2): a = z_hat / tau with cut-off tokens and z_pos = -inf tokens at
-// -inf; b = s / tau; all sums in float32. Running maxima start at -FLT_MAX instead of -inf so that
+// Conventions (DESIGN.md section 2): s and z are the logits after each path's scale and softcap; a = z_hat / tau
+// with cut-off tokens and z_pos = -inf tokens at -inf; b = s / tau; all sums in float32. Running maxima start at -FLT_MAX instead of -inf so that
 // differences of maxima are never inf - inf; a tile whose teacher entries are all -inf has sum 0.
 
 #define CAAD_INLINE inline __attribute__((always_inline))
@@ -65,6 +66,38 @@ CAAD_INLINE float vlogaddexp(float u, float w) {
   const float hi = u > w ? u : w;
   const float lo = u > w ? w : u;
   return hi + vlog_1_2(1.0f + vexp(lo - hi));
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): absolute error ~1e-7, exactly +-1 for large |x|.
+CAAD_INLINE float vtanh(float x) {
+  const float ax = x < 0.f ? -x : x;
+  const float e = vexp(-2.0f * ax);
+  const float t = (1.0f - e) / (1.0f + e);
+  return x < 0.f ? -t : t;
+}
+
+// x <- softcap(scale * x) in place: cap * tanh(scale * x / cap) when cap > 0, else scale * x; -inf stays -inf.
+static void transform_tile(float* __restrict x, int64_t n, float scale, float cap) {
+  if (cap > 0.f) {
+    const float inv_cap = 1.0f / cap;
+    const float ninf = -INFINITY;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float xs = x[j] * scale;
+      x[j] = xs == ninf ? ninf : cap * vtanh(xs * inv_cap);
+    }
+  } else if (scale != 1.0f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+  }
+}
+
+// 1 when a raw tile holds NaN or +inf (!(x < inf) catches both), else 0.
+CAAD_INLINE int tile_not_finite_above(const float* __restrict x, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) bad |= !(x[j] < INFINITY) ? 1 : 0;
+  return bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,26 +164,38 @@ static void zero_tile(int64_t n, DType dt, void* dst) {
   std::memset(dst, 0, static_cast<size_t>(n) * dtype_size(dt));
 }
 
-// a = z_hat / tau over columns [c0, c0 + n) of `row`; `scratch` holds kTile floats.
+// a = z_hat / tau over columns [c0, c0 + n) of `row`; `scratch` holds kTile floats. Both teacher paths go
+// through the teacher's scale and softcap first; z_hat = z_pos + alpha (z_pos - z_neg). With `flags`, the raw
+// tiles are screened for the row flags (NaN/+inf, and -inf in z_neg where z_pos is finite).
 static void teacher_tile(const RowJob& job, int64_t row, int64_t c0, int64_t n, float zthr,
-                         float* __restrict a, float* __restrict scratch) {
+                         float* __restrict a, float* __restrict scratch, int* flags = nullptr) {
   load_tile(job.zpos.at(row, c0), job.zpos.dt, n, a);
   const float inv_t = job.inv_temperature;
+  if (flags != nullptr && tile_not_finite_above(a, n)) *flags |= kFlagTeacher;
+  transform_tile(a, n, job.teacher_scale, job.teacher_cap);
   if (job.has_negative) {
     load_tile(job.zneg.at(row, c0), job.zneg.dt, n, scratch);
-    const float c_pos = 1.0f + job.alpha, c_neg = job.alpha;
+    if (flags != nullptr) {
+      int bad = 0;
+      const float ninf = -INFINITY;
+#pragma omp simd reduction(| : bad)
+      for (int64_t j = 0; j < n; ++j) bad |= (!(scratch[j] < INFINITY) || (scratch[j] == ninf && a[j] != ninf)) ? 1 : 0;
+      if (bad) *flags |= kFlagNegative;
+    }
+    transform_tile(scratch, n, job.teacher_scale, job.teacher_cap);
+    const float alpha = job.alpha_rows != nullptr ? job.alpha_rows[row] : job.alpha;
     const float ninf = -INFINITY;
     if (job.cutoff) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zp = a[j];
-        a[j] = zp < zthr || zp == ninf ? ninf : (c_pos * zp - c_neg * scratch[j]) * inv_t;
+        a[j] = zp < zthr || zp == ninf ? ninf : (zp + alpha * (zp - scratch[j])) * inv_t;
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zp = a[j];
-        a[j] = zp == ninf ? ninf : (c_pos * zp - c_neg * scratch[j]) * inv_t;
+        a[j] = zp == ninf ? ninf : (zp + alpha * (zp - scratch[j])) * inv_t;
       }
     }
   } else if (job.cutoff) {
@@ -160,6 +205,14 @@ static void teacher_tile(const RowJob& job, int64_t row, int64_t c0, int64_t n, 
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) a[j] *= inv_t;
   }
+}
+
+// The student tile s = softcap(scale * x) over columns [c0, c0 + n); with `flags`, screened first.
+static void student_tile(const RowJob& job, int64_t row, int64_t c0, int64_t n, float* __restrict s,
+                         int* flags = nullptr) {
+  load_tile(job.student.at(row, c0), job.student.dt, n, s);
+  if (flags != nullptr && tile_not_finite_above(s, n)) *flags |= kFlagStudent;
+  transform_tile(s, n, job.student_scale, job.student_cap);
 }
 
 CAAD_INLINE float tile_max(const float* __restrict x, int64_t n) {
@@ -172,7 +225,8 @@ CAAD_INLINE float tile_max(const float* __restrict x, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // forward
 
-// max z_pos over columns [c0, c1) of `row` (the plausibility cutoff's first sweep).
+// max raw z_pos over columns [c0, c1) of `row` (the plausibility cutoff's first sweep); the transform is
+// monotone, so the caller applies it to this maximum.
 static float zmax_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1) {
   alignas(64) float buf[kTile];
   float m = -INFINITY;
@@ -233,8 +287,8 @@ static Partial main_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
   const float inv_t = job.inv_temperature;
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = c1 - j0 < kTile ? c1 - j0 : kTile;
-    load_tile(job.student.at(row, j0), job.student.dt, n, sbuf);
-    teacher_tile(job, row, j0, n, zthr, abuf, scratch);
+    student_tile(job, row, j0, n, sbuf, &acc.flags);
+    teacher_tile(job, row, j0, n, zthr, abuf, scratch, &acc.flags);
     Partial t;
     switch (job.divergence) {
       case Divergence::kForward:
@@ -247,6 +301,7 @@ static Partial main_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
         t = tile_sums_any<Divergence::kMixture>(abuf, sbuf, n, inv_t);
         break;
     }
+    t.flags = acc.flags;
     merge_partial(acc, t, inv_t, job.divergence);
   }
   return acc;
@@ -267,7 +322,7 @@ static void mixture_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
   float pm = 0.f, qm = 0.f;
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = c1 - j0 < kTile ? c1 - j0 : kTile;
-    load_tile(job.student.at(row, j0), job.student.dt, n, sbuf);
+    student_tile(job, row, j0, n, sbuf);
     teacher_tile(job, row, j0, n, zthr, abuf, scratch);
 #pragma omp simd reduction(+ : pm, qm)
     for (int64_t j = 0; j < n; ++j) {
@@ -286,6 +341,24 @@ static void mixture_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1,
 
 // ---------------------------------------------------------------------------------------------
 // backward
+
+// From d/ds (s the transformed student) to d/dx (the raw logits): times scale (1 - (s / cap)^2) with a cap,
+// scale without one; 0 where s = -inf (q = 0 there, and the factor would be -inf).
+static void chain_student(const RowJob& job, const float* __restrict s, float* __restrict g, int64_t n) {
+  const float scale = job.student_scale, cap = job.student_cap;
+  if (cap > 0.f) {
+    const float inv_cap = 1.0f / cap;
+    const float ninf = -INFINITY;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = s[j] * inv_cap;
+      g[j] = s[j] == ninf ? 0.f : g[j] * (scale * (1.0f - t * t));
+    }
+  } else if (scale != 1.0f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] *= scale;
+  }
+}
 
 // grad[row, c0:c1] = coef_kd * d kd / d s + coef_ce * d ce / d s, written tile by tile into
 // `grad_row` (the row's start, dtype `job.grad_dt`). Each tile of the student is read into a
@@ -313,7 +386,7 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
   const bool ce_from_q = cce != 0.f && (inv_t == 1.0f || inv_t == 0.5f);
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = c1 - j0 < kTile ? c1 - j0 : kTile;
-    load_tile(job.student.at(row, j0), job.student.dt, n, sbuf);
+    student_tile(job, row, j0, n, sbuf);
     if (k != 0.f) {
       teacher_tile(job, row, j0, n, st.zthr, abuf, gbuf);  // gbuf doubles as scratch here
       switch (job.divergence) {
@@ -362,6 +435,7 @@ static void backward_unit(const RowJob& job, int64_t row, int64_t c0, int64_t c1
       for (int64_t j = 0; j < n; ++j) gbuf[j] = cce * vexp((sbuf[j] - shift_s) - off_s);
     }
     if (st.label >= j0 && st.label < j0 + n) gbuf[st.label - j0] -= cce;
+    chain_student(job, sbuf, gbuf, n);
     store_tile(gbuf, n, job.grad_dt, grad_base + j0 * gsize);
   }
 }

@@ -67,7 +67,7 @@ def run_rows(module, student, teacher, negative, labels, opts: KDOptions, coef_s
     s_rows, t_rows = as_rows(student), as_rows(teacher)
     n_rows = as_rows(negative) if params.has_negative else None
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    kd, ce, stats = module.forward_rows(s_rows, t_rows, n_rows, flat_labels, params)
+    kd, ce, stats, _ = module.forward_rows(s_rows, t_rows, n_rows, flat_labels, params)
     coef_kd, coef_ce = row_coefficients(s_rows.rows, flat_labels, opts, coef_seed)
     if grad is None:
         grad = torch.empty(s_rows.rows, student.shape[-1], dtype=student.dtype)
@@ -328,9 +328,13 @@ def test_rejects_float64_and_bad_labels(cpp):
     student, teacher, negative, labels = make_inputs((1, 2), 10)
     with pytest.raises(TypeError, match="float64"):
         run_rows(cpp, student.double(), teacher, negative, labels, KDOptions())
-    labels.view(-1)[0] = 10
-    with pytest.raises(RuntimeError, match="outside"):
-        run_rows(cpp, student, teacher, negative, labels, KDOptions())
+    labels.view(-1)[0] = 10  # out of range: flagged (bit 8), NaN for that row, never read
+    kd, ce, stats, grad = run_rows(cpp, student, teacher, negative, labels, KDOptions())
+    params = KDOptions().row_params(10, True, True)
+    flags = cpp.forward_rows(as_rows(student), as_rows(teacher), as_rows(negative), labels.reshape(-1), params)[3]
+    assert flags.tolist() == [8, 0]
+    assert torch.isnan(kd[0]) and torch.isnan(ce[0]) and torch.isnan(grad[0]).all()
+    assert torch.isfinite(kd[1]) and torch.isfinite(grad[1]).all()
 
 
 @pytest.mark.parametrize(
@@ -384,7 +388,8 @@ def run_fused(module, student, teacher, negative, labels, opts: KDOptions, coef_
     coef_kd, coef_ce = row_coefficients(s_rows.rows, flat_labels, opts, coef_seed)
     if grad is None:
         grad = torch.full((s_rows.rows, student.shape[-1]), float("nan"), dtype=student.dtype)
-    kd, ce, stats = module.loss_and_grad_rows(s_rows, t_rows, n_rows, flat_labels, coef_kd, coef_ce, params, grad)
+    kd, ce, stats, _ = module.loss_and_grad_rows(s_rows, t_rows, n_rows, flat_labels, coef_kd, coef_ce, params,
+                                                 grad)
     return kd, ce, stats, grad
 
 
@@ -499,10 +504,13 @@ def test_loss_and_grad_extreme_logits(cpp, beta):
 @pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0), (0.5, 2.0)])
 def test_loss_and_grad_precise_log_probabilities(cpp, beta, temperature):
     """Large, offset logits: the fused pass forms log p = (a - m_a) - log S_a (and likewise log q) instead
-    of a - lse_a with lse_a rounded to float32, and stays within 1e-6 of the float64 gradient."""
+    of a - lse_a with lse_a rounded to float32, and stays within 1e-6 of the float64 gradient. The negative
+    path stays near the positive one (as in real use), so z_hat = z_pos + alpha (z_pos - z_neg) is formed
+    to the precision of z_pos."""
     student, teacher, negative, labels = make_inputs((2, 3), 1001, scale=30.0, seed=43)
     student += 500.0
     teacher += 300.0
+    negative = teacher + torch.randn(teacher.shape, generator=torch.Generator().manual_seed(1))
     opts = KDOptions(alpha=2.0, temperature=temperature, beta=beta)
     fused = run_fused(cpp, student, teacher, negative, labels, opts)
     ref = reference_rows(student, teacher, negative, labels, opts)
@@ -538,3 +546,124 @@ def test_fused_linear_uses_loss_and_grad_rows(cpp):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_s.grad, h_s2.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_s.grad, w_s2.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row alpha, logit scales and softcaps, row flags, padded gradient rows, the build announcement
+
+
+def rows_with_options(module, student, teacher, negative, labels, opts: KDOptions, alpha_rows, fused: bool,
+                      grad=None):
+    """``(kd, ce, stats, flags, grad)`` of one backend with ``alpha_rows`` (and random coefficients)."""
+    params = opts.row_params(student.shape[-1], negative is not None, labels is not None)
+    views = (as_rows(student), as_rows(teacher), as_rows(negative) if params.has_negative else None)
+    flat = None if labels is None else labels.reshape(-1).contiguous()
+    coef_kd, coef_ce = row_coefficients(views[0].rows, flat, opts, 3)
+    if grad is None:
+        grad = torch.full((views[0].rows, student.shape[-1]), float("nan"), dtype=student.dtype)
+    if fused:
+        out = module.loss_and_grad_rows(*views, flat, coef_kd, coef_ce, params, grad, alpha_rows=alpha_rows)
+    else:
+        out = module.forward_rows(*views, flat, params, alpha_rows=alpha_rows)
+        module.backward_rows(*views, flat, out[2], coef_kd, coef_ce, params, grad, alpha_rows=alpha_rows)
+    return (*out, grad)
+
+
+TRANSFORMS = [
+    dict(student_softcap=4.0, teacher_softcap=3.0),
+    dict(student_logit_scale=0.5, teacher_logit_scale=1.7, teacher_softcap=6.0, plausibility=0.1),
+    dict(student_logit_scale=2.0, beta=0.5, student_softcap=10.0),
+    dict(beta=1.0, teacher_softcap=5.0, temperature=0.5),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("shape,vocab,threads", [((2, 3), 1001, 2), ((1, 2), 20001, 4)])
+def test_options_match_the_torch_rows(cpp, transform, fused, shape, vocab, threads):
+    """Per-row alpha and the transforms, whole rows and rows split into column segments, against torch_rows."""
+    student, teacher, negative, labels = make_inputs(shape, vocab, seed=vocab + len(transform))
+    negative = teacher + torch.randn(teacher.shape, generator=torch.Generator().manual_seed(2))
+    alpha_rows = torch.rand(labels.numel(), generator=torch.Generator().manual_seed(3)) * 3
+    opts = KDOptions(**{"alpha": 1.0, "temperature": 2.0, **transform})
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = rows_with_options(cpp, student, teacher, negative, labels, opts, alpha_rows, fused)
+    finally:
+        torch.set_num_threads(previous)
+    want = rows_with_options(torch_rows, student, teacher, negative, labels, opts, alpha_rows, False)
+    valid = valid_rows(labels, labels.numel())
+    for index, (a, b) in enumerate(zip(got, want)):
+        a, b = (a[valid], b[valid]) if index in (2, 4) else (a, b)
+        torch.testing.assert_close(a.double(), b.double(), rtol=5e-5, atol=2e-5 if index < 4 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generic_and_avx2_softcap_agree(cpp, dtype):
+    """The vectorised tanh of both compiled kernel sets."""
+    ext = cpp.load_extension()
+    student, teacher, negative, labels = make_inputs((2, 3), 3000, dtype=dtype, seed=47)
+    opts = KDOptions(alpha=2.0, temperature=2.0, beta=0.5, student_softcap=5.0, teacher_softcap=4.0)
+    results = {}
+    for isa in ("generic", "auto"):
+        ext.set_isa(isa)
+        try:
+            results[isa] = rows_with_options(cpp, student, teacher, negative, labels, opts, None, True)
+        finally:
+            ext.set_isa("auto")
+    for got, want in zip(results["generic"], results["auto"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5, equal_nan=True)
+
+
+def test_row_flags_and_ignored_rows_never_read(cpp):
+    """NaN/+inf per path (and -inf in z_neg where z_pos is finite) flag their row with NaN results; an ignored row
+    full of NaN is not read at all."""
+    student, teacher, negative, labels = make_inputs((2, 3), 300, seed=53)
+    labels.view(-1)[:] = torch.tensor([1, -100, 2, 3, 4, 5])
+    student[0, 0, 7] = float("inf")
+    teacher[0, 2, 9] = float("nan")
+    negative[1, 0, 11] = float("-inf")
+    negative[1, 1, 12] = float("inf")
+    student[0, 1] = float("nan")  # the ignored row
+    opts = KDOptions(alpha=2.0, temperature=2.0)
+    for fused in (False, True):
+        kd, ce, stats, flags, grad = rows_with_options(cpp, student, teacher, negative, labels, opts, None, fused)
+        assert flags.tolist() == [1, 0, 2, 4, 4, 0]
+        bad = flags != 0
+        assert torch.isnan(kd[bad]).all() and torch.isnan(ce[bad]).all() and torch.isnan(grad[bad]).any()
+        assert kd[1] == 0 and ce[1] == 0 and torch.all(grad[1] == 0)
+        assert torch.isfinite(kd[5]) and torch.isfinite(grad[5]).all()
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_gradient_rows_may_be_padded(cpp, threads):
+    """The fused-linear op hands ``grad`` (its chunk logits) with a row stride rounded up to 16 elements."""
+    student, teacher, negative, labels = make_inputs((1, 3), 5003, seed=59)
+    opts = KDOptions(alpha=2.0, temperature=2.0, beta=0.5)
+    padded = torch.full((3, 5008), 7.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected = rows_with_options(cpp, student, teacher, negative, labels, opts, None, True)[4]
+        for fused in (False, True):
+            padded.fill_(7.0)
+            rows_with_options(cpp, student, teacher, negative, labels, opts, None, fused, grad=padded[:, :5003])
+            torch.testing.assert_close(padded[:, :5003], expected, rtol=1e-6, atol=1e-9)
+            assert torch.all(padded[:, 5003:] == 7.0)  # the padding is never written
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_first_build_is_announced_once(cpp, tmp_path, capsys, monkeypatch):
+    """The ~20-60 s first compile says what it does and where the cache is, once, and not for a cached build."""
+    monkeypatch.setattr(cpp, "_announced", False)
+    (tmp_path / "cached").mkdir()
+    (tmp_path / "cached" / "ext.so").write_bytes(b"")
+    cpp._announce_build(tmp_path / "cached")
+    assert capsys.readouterr().err == ""
+    cpp._announce_build(tmp_path)
+    cpp._announce_build(tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("compiling the C++ CPU kernels") == 1 and str(tmp_path) in err and "CAAD_KERNELS_CACHE" in err

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 
@@ -14,6 +10,9 @@ from caad_kernels.backends import load_backend
 from caad_kernels.fused_linear import default_chunk_size
 from caad_kernels.profiling import cpu_peak_measurable, measure_peak_memory
 from caad_kernels.reference import fused_linear_contrastive_kd_loss_reference
+
+# the triton interpreter warns about the inf - inf lanes that tl.where then discards
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 # "torch": PyTorch GEMMs with the C++ elementwise kernels when built; "cpp"/"triton": those kernels explicitly
 BACKENDS = ["torch", "cpp", "triton"]
@@ -90,10 +89,10 @@ def test_matches_reference(backend, options):
     assert_all_close(out, ref, grads, ref_grads, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_components_and_reduction_none_recompute_in_backward(backend, reduction):
+def test_components_and_reduction_none_recompute_in_backward(backend):
+    """``reduction="none"``: backward recomputes the chunks with per-row upstream gradients of all three outputs."""
     inputs = make_inputs(seed=1)
-    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3, reduction=reduction, chunk_size=8)
+    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3, reduction="none", chunk_size=8)
     out = fused_linear_contrastive_kd_loss(**inputs, backend=backend, return_components=True, **options)
     ref = fused_linear_contrastive_kd_loss_reference(
         **inputs, compute_dtype=torch.float64, **{k: v for k, v in options.items() if k != "chunk_size"}
@@ -108,6 +107,24 @@ def test_components_and_reduction_none_recompute_in_backward(backend, reduction)
         torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-4)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_scalar_reduction_components_gradients(backend):
+    """With a scalar reduction nothing of the teacher is kept: a gradient through ``kd_loss``/``ce_loss`` works
+    when it is proportional to ``loss`` (here ``ce_weight=0``) and raises a clear error otherwise."""
+    inputs = make_inputs(seed=1)
+    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.0, chunk_size=8)
+    out = fused_linear_contrastive_kd_loss(**inputs, backend=backend, return_components=True, **options)
+    ref = fused_linear_contrastive_kd_loss_reference(**inputs, compute_dtype=torch.float64,
+                                                     **{k: v for k, v in options.items() if k != "chunk_size"})
+    grads = torch.autograd.grad(2.0 * out.kd_loss + 0.5 * out.loss, student_params(inputs))
+    ref_grads = torch.autograd.grad(2.0 * ref[1] + 0.5 * ref[0], student_params(inputs))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-4)
+    out = fused_linear_contrastive_kd_loss(**inputs, backend=backend, return_components=True,
+                                           **dict(options, ce_weight=0.3))
+    with pytest.raises(RuntimeError, match="kd_loss and ce_loss separately"):
+        torch.autograd.grad(out.kd_loss + out.ce_loss, student_params(inputs))
 
 
 def test_components_returned_but_only_loss_differentiated(backend):
@@ -152,12 +169,12 @@ def test_bf16_loose_and_fp32_weight_accumulation(backend):
     inputs = make_inputs(dtype=torch.bfloat16, lead=(64,), hidden_s=32, hidden_t=32, vocab=300, teacher_vocab=300,
                          seed=6)
     options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3, chunk_size=4)
-    out, ref, grads, ref_grads = run_both(backend, inputs, accum_dtype=torch.float32, **options)
+    out, ref, grads, ref_grads = run_both(backend, inputs, **options)  # float32 accumulation by default
     assert all(grad.dtype == torch.bfloat16 for grad in grads)
     # the reference computes the bf16 GEMMs in float64, the op in bf16 with fp32 accumulation
     assert_all_close(out, ref, grads, ref_grads, atol=2e-2, rtol=2e-2, grad_atol=3e-3)
     # summing 16 chunk contributions in float32 is closer to the exact weight gradient than in bf16
-    _, _, bf16_grads, _ = run_both(backend, inputs, **options)
+    _, _, bf16_grads, _ = run_both(backend, inputs, accum_dtype=torch.bfloat16, **options)
     fp32_error = (grads[1].double() - ref_grads[1]).abs().sum()
     bf16_error = (bf16_grads[1].double() - ref_grads[1]).abs().sum()
     assert fp32_error < bf16_error
@@ -208,11 +225,43 @@ def test_bad_input_errors(overrides, error, match):
         fused_linear_contrastive_kd_loss(**inputs, **options)
 
 
-def test_nan_check_is_opt_in():
+@pytest.mark.parametrize(
+    "backend,name,where,match",
+    [
+        ("torch", "teacher_hidden", (1, 4, 0), "teacher logits are not finite: teacher_hidden"),
+        ("triton", "teacher_hidden", (1, 4, 0), "teacher logits are not finite: teacher_hidden"),
+        ("cpp", "student_hidden", (1, 4, 0), "student logits are not finite: student_hidden"),
+        ("cpp", "student_weight", (7, 0), "student logits are not finite: student_hidden, student_weight"),
+        ("cpp", "teacher_weight", (7, 0), "teacher logits are not finite: teacher_hidden, teacher_weight"),
+        ("cpp", "student_bias", (7,), "student_weight or student_bias"),
+    ],
+    indirect=["backend"],
+)
+def test_nan_check_is_opt_in(backend, name, where, match):
+    """NaN anywhere that feeds a valid row's logits (hidden states, weights, biases) is found by the kernels:
+    a ValueError naming the arguments with ``check_finite=True``, a NaN loss and NaN gradients without."""
     inputs = make_inputs(seed=9)
-    inputs["teacher_hidden"][0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="teacher_hidden contains NaN"):
-        fused_linear_contrastive_kd_loss(**inputs, check_finite=True)
+    with torch.no_grad():
+        inputs[name][where] = float("nan")
+    with pytest.raises(ValueError, match=match):
+        fused_linear_contrastive_kd_loss(**inputs, backend=backend, alpha=2.0, check_finite=True, chunk_size=16)
+    loss = fused_linear_contrastive_kd_loss(**inputs, backend=backend, alpha=2.0, chunk_size=16)
+    assert torch.isnan(loss)
+    assert torch.isnan(torch.autograd.grad(loss, inputs["student_hidden"])[0]).any()
+
+
+def test_nan_in_ignored_rows_is_never_read(backend):
+    """Ignored rows never reach a GEMM: NaN in their hidden states changes nothing."""
+    inputs = make_inputs(seed=9)
+    clean = fused_linear_contrastive_kd_loss(**inputs, backend=backend, alpha=2.0, ce_weight=0.3, chunk_size=16)
+    with torch.no_grad():
+        inputs["teacher_hidden"][0, 0] = float("nan")  # row 0 is ignored (label -100)
+        inputs["student_hidden"][0, 1] = float("nan")
+    dirty = fused_linear_contrastive_kd_loss(**inputs, backend=backend, alpha=2.0, ce_weight=0.3, chunk_size=16,
+                                             check_finite=True)
+    torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(dirty, inputs["student_hidden"])
+    assert torch.all(grad[0, :3] == 0) and torch.isfinite(grad).all()
 
 
 @pytest.mark.skipif(not cpu_peak_measurable(), reason="needs Linux /proc/self/clear_refs to measure CPU peak memory")

@@ -5,13 +5,16 @@ use with ``torch.utils.cpp_extension.load`` (ninja) into a build directory keyed
 sources, the torch version, the Python ABI, the compiler and the flags, under
 ``$CAAD_KERNELS_CACHE`` (default ``$XDG_CACHE_HOME/caad_kernels`` or ``~/.cache/caad_kernels``), so
 later processes reuse it without recompiling (ninja finds the outputs up to date; torch's file lock
-serialises concurrent builds). The binary is portable across x86-64 CPUs: the tile kernels are
-compiled for the baseline ISA and for AVX2+FMA+F16C and the best set is chosen at run time, so the
-cache key needs no CPU model and no ``-march=native``.
+serialises concurrent builds). The first build prints one line on stderr saying so and naming the
+cache (it takes 20-60 s). The binary is portable across x86-64 CPUs: the tile kernels are compiled
+for the baseline ISA and for AVX2+FMA+F16C and the best set is chosen at run time, so the cache key
+needs no CPU model and no ``-march=native``.
 
 The kernels accumulate in float32 and accept float32, bfloat16 and float16 tensors on the CPU;
 float64 raises a TypeError (``backend="auto"`` sends float64 to the torch backend). Rows whose label
-is ``ignore_index`` are skipped entirely: their ``kd``, ``ce`` and ``stats`` are 0.
+is ``ignore_index`` are skipped entirely: their ``kd``, ``ce`` and ``stats`` are 0 and they are never
+read. Each entry point returns the contract's int32 row ``flags`` too (non-finite inputs, labels out
+of range), found while the rows are read.
 
 ``loss_and_grad_rows`` (used by the fused-linear op, which knows the coefficients in advance) runs each
 row's gradient sweep right after its forward sweeps, while the row is still in cache, and forms
@@ -44,6 +47,7 @@ EXTRA_LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failure: RuntimeError | None = None
+_announced = False
 
 
 def source_directory() -> Path:
@@ -130,6 +134,7 @@ def _build() -> ModuleType:
     key = build_key()
     build_dir = cache_root() / f"contrastive_kd_{key[:16]}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _announce_build(build_dir)
     return cpp_extension.load(
         name=f"caad_contrastive_kd_{key[:12]}",
         sources=[str(directory / SOURCE_NAME)],
@@ -138,6 +143,24 @@ def _build() -> ModuleType:
         extra_include_paths=[str(directory)],
         build_directory=str(build_dir),
         verbose=os.environ.get("CAAD_KERNELS_VERBOSE") == "1",
+    )
+
+
+def _announce_build(build_dir: Path) -> None:
+    """Say on stderr, once per process and before the silent ~20 s compile, what happens and where it is cached.
+
+    Nothing is printed when the cache already holds the built library (a later process only loads it).
+    """
+    global _announced
+    if _announced or any(build_dir.glob("*.so")):
+        return
+    _announced = True
+    print(
+        f"caad_kernels: compiling the C++ CPU kernels (backend='cpp'; typically 20-60 s, once per source and toolchain "
+        f"version) into the cache {build_dir} (set CAAD_KERNELS_CACHE to move it, CAAD_KERNELS_VERBOSE=1 to see "
+        "the compiler)",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -154,14 +177,28 @@ def _check_inputs(*views: RowView | None) -> None:
             )
 
 
-def _scalar_args(params: RowParams) -> tuple[float, float, float, float, bool]:
+def _job_args(params: RowParams, alpha_rows: torch.Tensor | None) -> dict[str, object]:
+    """Keyword arguments shared by the three entry points (see ``csrc/contrastive_kd.cpp``)."""
     cutoff = params.log_plausibility is not None
-    return (
+    if params.per_row_alpha and alpha_rows is None:
+        raise ValueError("params.per_row_alpha is True but no alpha_rows were given")
+    scalars = [
         float(params.alpha),
         float(params.inv_temperature),
         float(params.beta),
         float(params.log_plausibility) if cutoff else 0.0,
-        cutoff,
+        float(params.student_scale),
+        float(params.teacher_scale),
+        float(params.student_softcap or 0.0),
+        float(params.teacher_softcap or 0.0),
+    ]
+    return dict(
+        alpha_rows=alpha_rows.float().contiguous() if params.per_row_alpha else None,
+        scalars=scalars,
+        cutoff=cutoff,
+        has_ce=bool(params.has_labels),
+        ignore_index=int(params.ignore_index),
+        vocab=int(params.vocab_size),
     )
 
 
@@ -171,29 +208,23 @@ def forward_rows(
     negative: RowView | None,
     labels: torch.Tensor | None,
     params: RowParams,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kd, ce, stats)``: float32 ``[rows]``, ``[rows]``, ``[rows, 5]`` (contract in ``backends``).
-
-    Rows whose label is ``ignore_index`` have ``kd = ce = 0`` and all-zero ``stats``.
+    *,
+    alpha_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kd, ce, stats, flags)``: float32 ``[rows]``, ``[rows]``, ``[rows, 5]``, int32 ``[rows]`` (contract in
+    ``backends``). Rows whose label is ``ignore_index`` have ``kd = ce = 0``, all-zero ``stats`` and flags 0.
     """
     ext = load_extension()
     negative = negative if params.has_negative else None
     _check_inputs(student, teacher, negative)
-    alpha, inv_t, beta, log_plausibility, cutoff = _scalar_args(params)
-    kd, ce, stats = ext.forward(
+    kd, ce, stats, flags = ext.forward(
         student.data,
         teacher.data,
         None if negative is None else negative.data,
-        labels if params.has_labels else None,
-        alpha,
-        inv_t,
-        beta,
-        log_plausibility,
-        cutoff,
-        int(params.ignore_index),
-        int(params.vocab_size),
+        labels,
+        **_job_args(params, alpha_rows),
     )
-    return kd, ce, stats
+    return kd, ce, stats, flags
 
 
 def backward_rows(
@@ -206,31 +237,26 @@ def backward_rows(
     coef_ce: torch.Tensor,
     params: RowParams,
     grad: torch.Tensor,
+    *,
+    alpha_rows: torch.Tensor | None = None,
 ) -> None:
-    """Write ``coef_kd * d kd/d s + coef_ce * d ce/d s`` into ``grad`` (contiguous ``[rows, V]``,
-    the student's dtype; it may be the student itself)."""
+    """Write ``coef_kd * d kd/d x + coef_ce * d ce/d x`` into ``grad`` (``[rows, V]``, unit column stride, the
+    student's dtype; it may be the student itself)."""
     ext = load_extension()
     negative = negative if params.has_negative else None
     _check_inputs(student, teacher, negative)
     if grad.device.type != "cpu":
         raise ValueError(f"the cpp backend writes CPU gradients, got grad on {grad.device}")
-    alpha, inv_t, beta, log_plausibility, cutoff = _scalar_args(params)
     ext.backward(
         student.data,
         teacher.data,
         None if negative is None else negative.data,
-        labels if params.has_labels else None,
-        stats.float().contiguous(),
-        coef_kd.float().contiguous(),
-        coef_ce.float().contiguous(),
-        alpha,
-        inv_t,
-        beta,
-        log_plausibility,
-        cutoff,
-        int(params.ignore_index),
-        int(params.vocab_size),
-        grad,
+        labels,
+        stats=stats.float().contiguous(),
+        coef_kd=coef_kd.float().contiguous(),
+        coef_ce=coef_ce.float().contiguous(),
+        grad=grad,
+        **_job_args(params, alpha_rows),
     )
 
 
@@ -243,35 +269,30 @@ def loss_and_grad_rows(
     coef_ce: torch.Tensor,
     params: RowParams,
     grad: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    alpha_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward_rows` and :func:`backward_rows` in one pass, for coefficients known in advance.
 
     Each row runs its forward sweeps and then, while it is still in cache, its gradient sweep, which
-    writes ``coef_kd * d kd/d s + coef_ce * d ce/d s`` into ``grad`` (contiguous ``[rows, V]``, the
+    writes ``coef_kd * d kd/d x + coef_ce * d ce/d x`` into ``grad`` (``[rows, V]``, unit column stride, the
     student's dtype). ``grad`` may be the student itself: a row is read in full before its first
     gradient tile is written (rows split into column segments write only after all their segments
-    have been merged). Returns ``(kd, ce, stats)`` exactly as :func:`forward_rows`.
+    have been merged). Returns ``(kd, ce, stats, flags)`` exactly as :func:`forward_rows`.
     """
     ext = load_extension()
     negative = negative if params.has_negative else None
     _check_inputs(student, teacher, negative)
     if grad.device.type != "cpu":
         raise ValueError(f"the cpp backend writes CPU gradients, got grad on {grad.device}")
-    alpha, inv_t, beta, log_plausibility, cutoff = _scalar_args(params)
-    kd, ce, stats = ext.loss_and_grad(
+    kd, ce, stats, flags = ext.loss_and_grad(
         student.data,
         teacher.data,
         None if negative is None else negative.data,
-        labels if params.has_labels else None,
-        coef_kd.float().contiguous(),
-        coef_ce.float().contiguous(),
-        alpha,
-        inv_t,
-        beta,
-        log_plausibility,
-        cutoff,
-        int(params.ignore_index),
-        int(params.vocab_size),
-        grad,
+        labels,
+        coef_kd=coef_kd.float().contiguous(),
+        coef_ce=coef_ce.float().contiguous(),
+        grad=grad,
+        **_job_args(params, alpha_rows),
     )
-    return kd, ce, stats
+    return kd, ce, stats, flags
