@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
 
-.PHONY: test lint demo bench report clean gpu-check
+.PHONY: test lint demo experiment bench report clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/caad run --config configs/demo.yaml
+
+# The full CAAD experiment (arms x seeds; results under the folder configs/experiment.yaml names).
+# --resume: a new folder is created, an interrupted one continues, finished arms are skipped.
+experiment: $(VENV)/.installed
+	$(VENV)/bin/caad experiment --config configs/experiment.yaml --resume
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest bench/ --benchmark-json=bench/results/cpu.json

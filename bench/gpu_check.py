@@ -26,7 +26,8 @@ How to run it on the device (the device tool's ``run``; see /work/.library/devic
 
 What it does (sections, in this order, each in its own process with its own time budget)
 ----------------------------------------------------------------------------------------
-- ``tests``: ``pytest tests/test_gpu_kernels.py tests/test_triton_rows.py`` compiled on CUDA
+- ``tests``: ``pytest tests/test_gpu_kernels.py tests/test_triton_rows.py`` and the attention-KD CUDA test,
+  compiled on CUDA
   (``TRITON_INTERPRET=0``): bf16/fp16/fp32, production vocabularies and tile sizes, a case with
   ``rows x V > 2**31``, bad labels, gradient scaling, the memory contract.
 - ``fused``: the fused-linear op forward+backward at N=8192, H=4096, V=128256 and H=3584,
@@ -74,7 +75,11 @@ from bench.machine import REPO_ROOT, cpu_model, git_commit, package_version
 DEFAULT_BUDGET = 420.0
 SHARES = dict(tests=170.0, fused=110.0, logits=45.0, compile=75.0)
 REPORT_RESERVE = 20.0  # seconds kept for the report and the interruption grace periods
-TEST_FILES = ("tests/test_gpu_kernels.py", "tests/test_triton_rows.py")
+TEST_FILES = (
+    "tests/test_gpu_kernels.py",
+    "tests/test_triton_rows.py",
+    "tests/test_attention_kd.py::test_cuda_triton_against_the_reference_and_memory",
+)
 DRY_RUN_TEST_FILES = ("tests/test_gpu_kernels.py",)  # the interpreter would take minutes on the others
 OUTPUT_NAMES = ("gpu_check.jsonl", "gpu_check.log", "gpu_check.json", "gpu_check.md", "gpu_check.png",
                 "gpu_check_junit.xml")
@@ -207,7 +212,7 @@ def parse_verbose_log(text: str) -> tuple[list[dict], str | None]:
 
 
 def run_tests(out: Path, env: dict[str, str], deadline: float, dry_run: bool, write) -> dict:
-    files = [f for f in (DRY_RUN_TEST_FILES if dry_run else TEST_FILES) if (REPO_ROOT / f).exists()]
+    files = [f for f in (DRY_RUN_TEST_FILES if dry_run else TEST_FILES) if (REPO_ROOT / f.split("::")[0]).exists()]
     junit = out / JUNIT_NAME
     cmd = [sys.executable, "-m", "pytest", *files, "-v", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if importlib.util.find_spec("pytest_timeout") is not None:

@@ -54,6 +54,8 @@ def best_bounds(rows: list[Row], axis: str) -> list[tuple[int, float]]:
 def fixed_dims(rows: list[Row], axis: str) -> str:
     """The dimensions held fixed along a sweep, for the axis label."""
     row = rows[0]
+    if row.op == "attention":  # N is the sequence length T; heads student/teacher
+        return f"H={row.h_s}/{row.h_t}"
     parts = [] if axis == "N" else [f"N={row.n}"]
     if row.op == "fused":
         parts.append(f"H={row.h_s}" if row.h_s == row.h_t else f"H={row.h_s}/{row.h_t}")
@@ -81,9 +83,10 @@ def draw_panel(ax: Axes, rows: list[Row], axis: str, metric: str, label: str) ->
     ax.xaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
-    ax.set_xlabel(f"{axis} ({fixed_dims(rows, axis)})")
+    shown = "T" if rows[0].op == "attention" and axis == "N" else axis
+    ax.set_xlabel(f"{shown} ({fixed_dims(rows, axis)})")
     ax.set_ylabel(label)
-    ax.set_title(f"{label.split(' (')[0]} vs {axis}")
+    ax.set_title(f"{label.split(' (')[0]} vs {shown}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -109,7 +112,8 @@ def plot_sweeps(rows: list[Row], out: Path, stem: str) -> list[Path]:
             swept = [r for r in subset if axis in r.sweeps]
             for line, (metric, label) in enumerate(METRICS):
                 draw_panel(grid[line][col], swept, axis, metric, label)
-        name = "contrastive_kd_loss (logits)" if op == "logits" else "fused_linear_contrastive_kd_loss"
+        name = {"logits": "contrastive_kd_loss (logits)", "attention": "attention_kd_loss (attention maps)"}.get(
+            op, "fused_linear_contrastive_kd_loss")
         fig.suptitle(f"{name} — {mode}, config '{config}', {dtype}")
         fig.tight_layout()
         path = out / f"{stem}_{op}_{config}_{mode.replace('+', '-')}.png"

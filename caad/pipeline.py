@@ -5,16 +5,19 @@ Layout of ``<output_dir>`` (``{timestamp}`` in the configured path expands to th
     caad_output.json, config.yaml   marker and the resolved config
     corpus/                         the synthesised built-in corpus (unless data.corpus_dir is given)
     stage1/train.jsonl              the train manifest with one pseudo-GT per row
+    stage1/validation.jsonl         the same for the validation split (its loss is logged in training)
     models/tokenizer, models/teacher_init, models/student_init     (models.tiny: true)
-    warmup/                         the teacher's CE-only warm-up; warmup/final is the teacher used
+    warmup/                         the tiny teacher's CE-only warm-up; warmup/final is the teacher used
     stage2/                         CAAD: metrics.jsonl, loss_curve.png, checkpoints/, final/ (the student)
     eval/                           per-model result files and results.md (the table)
 
 Steps: (1) corpus, (2) Stage 1 pseudo-GT, (3) tokenizer + tiny teacher and student (or local
 checkpoints), (4) teacher warm-up on the pseudo-GT (CE only, so the tiny random teacher becomes
-audio-aware), (5) Stage 2 with CAAD, (6) evaluation of the teacher (greedy and contrastive
-decoding) and the student (greedy). Under a launcher the data and model preparation and the
-evaluation run on rank 0 while the other ranks wait; training runs on every rank.
+audio-aware; by default only for the built-in tiny teacher: a real checkpoint is never changed
+unless ``warmup.enabled: true``), (5) Stage 2 with CAAD (the method ``caad`` on the shared trainer),
+(6) evaluation of the teacher (greedy and contrastive decoding) and the student (greedy). Under a
+launcher the data and model preparation and the evaluation run on rank 0 while the other ranks
+wait; training runs on every rank.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caad.config import CaadConfig, TrainConfig, dump_config, expand_output_dir
-from caad.stage2.distributed import barrier, init_distributed
-from caad.stage2.outputs import check_output_dir, prepare_output_dir
+from caad.config import CaadConfig, Stage2Config, TrainerConfig, dump_config, expand_output_dir
+from caad.train.distributed import barrier, broadcast_object, init_distributed
+from caad.train.outputs import check_output_dir, prepare_output_dir
 
 __all__ = ["RunResult", "run_pipeline"]
 
@@ -55,11 +58,17 @@ def _say(message: str, is_main: bool) -> None:
         print(f"[caad run] {message}", flush=True)
 
 
-def _train_texts(manifests: list[Path]) -> list[str]:
-    """Texts the tiny tokenizer is trained on: instructions, answers, transcripts and hints."""
+def _train_texts(manifests: list[Path], text_prior: Path | None = None) -> list[str]:
+    """Texts the tiny tokenizer is trained on: instructions, answers, transcripts and hints, and the
+    instructions and answers of the corpus's text prior (``text_prior.jsonl``) when there is one."""
     from caad.data import read_manifest
 
     texts = []
+    if text_prior is not None and text_prior.is_file():
+        from caad.data.synth import read_text_prior
+
+        for record in read_text_prior(text_prior):
+            texts += [str(record["instruction"]), str(record["answer"])]
     for manifest in manifests:
         for row in read_manifest(manifest):
             texts.append(row.instruction)
@@ -72,11 +81,13 @@ def _train_texts(manifests: list[Path]) -> list[str]:
     return texts
 
 
-def _build_tiny_models(config: CaadConfig, manifests: list[Path], models_dir: Path) -> tuple[Path, Path]:
+def _build_tiny_models(
+    config: CaadConfig, manifests: list[Path], models_dir: Path, text_prior: Path | None = None
+) -> tuple[Path, Path]:
     """Train the tokenizer and save a tiny teacher and a smaller student; returns their folders."""
     from caad.models import tiny_student, tiny_teacher, train_tokenizer
 
-    tokenizer = train_tokenizer(_train_texts(manifests), vocab_size=config.models.tokenizer_vocab_size)
+    tokenizer = train_tokenizer(_train_texts(manifests, text_prior), vocab_size=config.models.tokenizer_vocab_size)
     tokenizer.save_pretrained(models_dir / "tokenizer")
     teacher_dir, student_dir = models_dir / "teacher_init", models_dir / "student_init"
     tiny_teacher(tokenizer, kind=config.models.teacher_kind, seed=config.models.teacher_seed).save_pretrained(
@@ -88,7 +99,7 @@ def _build_tiny_models(config: CaadConfig, manifests: list[Path], models_dir: Pa
     return teacher_dir, student_dir
 
 
-def _with_paths(section: TrainConfig, **paths: Any) -> TrainConfig:
+def _with_paths(section: Stage2Config, **paths: Any) -> Stage2Config:
     """``section`` with the given paths filled where the config left them ``null``."""
     updates = {key: value for key, value in paths.items() if getattr(section, key) is None}
     if "output_dir" in paths:  # the run owns its sub-folders
@@ -98,15 +109,53 @@ def _with_paths(section: TrainConfig, **paths: Any) -> TrainConfig:
     )
 
 
-def _train_config(section: TrainConfig) -> TrainConfig:
-    """A plain :class:`TrainConfig` from a section (the warm-up's has an extra ``enabled`` field)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
+#: Trainer keys that ``caad run`` takes from ``models.*`` / ``data.*`` where a section leaves them at default.
+_FROM_MODELS = {key: key for key in ("chat_template", "allow_pickle", "trust_remote_code", "low_memory")}
+_FROM_DATA = {
+    "data_check": "check",
+    "min_seconds": "min_seconds",
+    "max_seconds": "max_seconds",
+    "decode_check": "decode_check",
+}
+
+
+def _inherit(section: Stage2Config, config: CaadConfig) -> Stage2Config:
+    """``section`` with its model-loading and data-check keys taken from ``models.*`` and ``data.*``
+    where the section leaves them at their defaults (so one setting applies to every stage)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
+    updates = {}
+    for source, keys in ((config.models, _FROM_MODELS), (config.data, _FROM_DATA)):
+        for key, name in keys.items():
+            if getattr(section, key) == defaults[key]:
+                updates[key] = getattr(source, name)
+    return dataclasses.replace(section, **updates)
+
+
+def _train_config(section: Stage2Config) -> Stage2Config:
+    """A plain :class:`Stage2Config` from a section (the warm-up's has an extra ``enabled`` field)."""
+    names = {f.name for f in dataclasses.fields(Stage2Config)}
+    return Stage2Config(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
+
+
+def _validation_source(config: CaadConfig, corpus_root: Path) -> Path | None:
+    """The validation manifest: ``data.validation_manifest``, else the corpus's validation split
+    (unless the train manifest is your own); ``None`` when there is none or it is empty."""
+    from caad.data import read_manifest
+
+    if config.data.validation_manifest is not None:
+        path = Path(config.data.validation_manifest)
+    elif config.data.train_manifest is None:
+        path = corpus_root / "validation.jsonl"
+    else:
+        return None
+    if not path.is_file() or not read_manifest(path):
+        return None
+    return path
 
 
 def run_pipeline(config: CaadConfig) -> RunResult:
     """Run every stage as configured (module docstring); returns where everything is."""
-    from caad.stage2 import train_stage2
+    from caad.methods.caad import train_stage2
 
     # 0. check every input and the output folder before anything is written
     config.check_run_paths()
@@ -144,29 +193,41 @@ def run_pipeline(config: CaadConfig) -> RunResult:
                 seed=config.data.seed,
                 splits=tuple(config.data.splits),
                 progress=False,
+                context_share=config.data.context_share,
+                context_agreement=config.data.context_agreement,
+                irrelevant_share=config.data.irrelevant_share,
+                text_prior_examples=config.data.text_prior_examples,
             )
         barrier()
     train_manifest = Path(config.data.train_manifest or corpus_root / "train.jsonl")
     eval_manifest = Path(config.eval.manifest or config.data.eval_manifest or corpus_root / "test.jsonl")
+    if config.data.check:
+        _check_source(config, train_manifest, main)
     lap("corpus")
 
-    # 2. Stage 1: pseudo-GT for the train manifest
+    # 2. Stage 1: pseudo-GT for the train manifest (and the validation split)
     pseudo_gt = output_dir / "stage1" / "train.jsonl"
+    validation_source = _validation_source(config, corpus_root) if main else None
+    validation_pgt = output_dir / "stage1" / "validation.jsonl" if validation_source is not None else None
+    validation_pgt = broadcast_object(validation_pgt)
     _say(f"2/6 stage 1 ({config.stage1.generator}): {train_manifest} -> {pseudo_gt}", main)
     if main:
         from caad.stage1 import generate_pseudo_gt
 
-        generate_pseudo_gt(
-            train_manifest,
-            pseudo_gt,
-            generator=config.stage1.generator,
-            model_path=config.stage1.model_path,
-            batch_size=config.stage1.batch_size,
-            max_new_tokens=config.stage1.max_new_tokens,
-            resume=False,
-            device=str(dist.device),
-            progress=False,
-        )
+        for source, target in ((train_manifest, pseudo_gt), (validation_source, validation_pgt)):
+            if source is None:
+                continue
+            generate_pseudo_gt(
+                source,
+                target,
+                generator=config.stage1.generator,
+                model_path=config.stage1.model_path,
+                batch_size=config.stage1.batch_size,
+                max_new_tokens=config.stage1.max_new_tokens,
+                resume=False,
+                device=str(dist.device),
+                progress=False,
+            )
     barrier()
     lap("stage1")
 
@@ -183,7 +244,7 @@ def run_pipeline(config: CaadConfig) -> RunResult:
         )
         if main:
             manifests = [pseudo_gt] + ([eval_manifest] if eval_manifest.is_file() else [])
-            _build_tiny_models(config, manifests, output_dir / "models")
+            _build_tiny_models(config, manifests, output_dir / "models", corpus_root / "text_prior.jsonl")
         barrier()
     else:
         teacher_init, student_init = Path(config.models.teacher), Path(config.models.student)
@@ -193,24 +254,28 @@ def run_pipeline(config: CaadConfig) -> RunResult:
     # 4. warm the teacher up on the pseudo-GT (CE only)
     teacher: Path = teacher_init
     warmup_last: dict[str, Any] = {}
-    if config.warmup.enabled:
+    if config.warmup.resolved_enabled(config.models.tiny):
         warmup = _with_paths(
-            _train_config(config.warmup),
+            _inherit(_train_config(config.warmup), config),
             train_manifest=pseudo_gt,
+            validation_manifest=validation_pgt,
             student=teacher_init,
             output_dir=output_dir / "warmup",
         )
         _say(f"4/6 teacher warm-up (CE only) -> {warmup.output_dir}", main)
         result = train_stage2(warmup, name="teacher warm-up", section="warmup")
         teacher, warmup_last = result.final_model, result.last
+    elif config.warmup.enabled is None:
+        _say("4/6 teacher warm-up: skipped (a real teacher is used as it is; warmup.enabled=true to warm it up)", main)
     else:
         _say("4/6 teacher warm-up: disabled (warmup.enabled: false)", main)
     lap("warmup")
 
     # 5. Stage 2: CAAD
     stage2 = _with_paths(
-        config.stage2,
+        _inherit(config.stage2, config),
         train_manifest=pseudo_gt,
+        validation_manifest=validation_pgt,
         teacher=teacher,
         student=student_init,
         output_dir=output_dir / "stage2",
@@ -238,7 +303,7 @@ def run_pipeline(config: CaadConfig) -> RunResult:
                 str(result.final_model),
                 eval_manifest,
                 output_dir / "eval",
-                stage2.alpha,
+                stage2,
             )
         barrier()
     lap("eval")
@@ -257,23 +322,62 @@ def run_pipeline(config: CaadConfig) -> RunResult:
     )
 
 
+def _check_source(config: CaadConfig, manifest: Path, main: bool) -> None:
+    """Every row and audio file of the train manifest (``data.check``), before Stage 1 reads it: an
+    empty or broken manifest stops the run here with every problem listed (rank 0 reads the files)."""
+    from caad.cli import UserError
+    from caad.data.checks import DataCheckError, check_training_data
+
+    error = None
+    if main:
+        try:
+            check_training_data(
+                manifest,
+                window_seconds=None,
+                require=(),
+                min_seconds=config.data.min_seconds,
+                max_seconds=config.data.max_seconds,
+                decode=config.data.decode_check,
+            )
+        except (DataCheckError, FileNotFoundError) as caught:
+            error = f"data: {caught}"
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+
+
 def _evaluate(
-    config: CaadConfig, teacher: str, student: str, manifest: Path, out_dir: Path, stage2_alpha: float
+    config: CaadConfig, teacher: str, student: str, manifest: Path, out_dir: Path, stage2: Stage2Config
 ) -> tuple[dict[str, dict[str, Any]], str]:
-    """Teacher greedy, teacher contrastive decoding and student greedy on ``manifest``; the table."""
+    """Teacher greedy, teacher contrastive decoding and student greedy on ``manifest``; the table.
+
+    The models are loaded as in training (``chat_template`` ...); greedy decoding runs on
+    ``eval.audio_mode``; contrastive decoding uses Stage 2's negative path.
+    """
     from caad.eval import markdown_table, run_eval
 
-    alpha = config.eval.contrastive_alpha if config.eval.contrastive_alpha is not None else stage2_alpha
-    common = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens)
+    alpha = config.eval.contrastive_alpha if config.eval.contrastive_alpha is not None else stage2.alpha
+    common: dict[str, Any] = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens)
+    parameters = inspect.signature(run_eval).parameters
+    if "num_bootstrap" in parameters:
+        common["num_bootstrap"] = config.eval.num_bootstrap
+    if "load_options" in parameters:
+        common["load_options"] = {
+            "chat_template": stage2.chat_template,
+            "allow_pickle": stage2.allow_pickle,
+            "trust_remote_code": stage2.trust_remote_code,
+            "low_memory": stage2.low_memory,
+        }
+    greedy = dict(common, audio_mode=config.eval.audio_mode) if "audio_mode" in parameters else common
     contrastive: dict[str, Any] = dict(common, contrastive_alpha=alpha)
-    if "negative_mode" in inspect.signature(run_eval).parameters:
-        contrastive["negative_mode"] = config.stage2.negative_mode  # the same negative path as in training
+    if "negative_mode" in parameters:
+        contrastive["negative_mode"] = stage2.negative_mode  # the same negative path as in training
     results = {
-        "teacher": run_eval(teacher, str(manifest), str(out_dir), name="teacher", **common),
+        "teacher": run_eval(teacher, str(manifest), str(out_dir), name="teacher", **greedy),
         "teacher (contrastive)": run_eval(
             teacher, str(manifest), str(out_dir), name="teacher_contrastive", **contrastive
         ),
-        "student": run_eval(student, str(manifest), str(out_dir), name="student", **common),
+        "student": run_eval(student, str(manifest), str(out_dir), name="student", **greedy),
     }
     table = markdown_table(results)
     (out_dir / "results.md").write_text(table, encoding="utf-8")

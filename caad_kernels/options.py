@@ -239,7 +239,10 @@ def check_alpha_tensor(alpha: object, leading_shape: torch.Size, device: torch.d
 
 
 def check_num_items(num_items_in_batch: object, reduction: str) -> None:
-    """Type and host-side value checks; a tensor's value is checked in the op's one host sync."""
+    """Type and host-side value checks; a tensor's value is checked in the op's one host sync.
+
+    ``0`` is allowed: no item in the whole accumulated batch, so the loss and its gradients are 0.
+    """
     if num_items_in_batch is None:
         return
     if reduction != "mean":
@@ -253,5 +256,5 @@ def check_num_items(num_items_in_batch: object, reduction: str) -> None:
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         kind = type(num_items_in_batch).__name__
         raise TypeError(f"num_items_in_batch must be a number or a scalar tensor, got {kind}")
-    if not num_items_in_batch > 0 or not math.isfinite(float(num_items_in_batch)):
-        raise ValueError(f"num_items_in_batch must be > 0 and finite, got {num_items_in_batch}")
+    if not num_items_in_batch >= 0 or not math.isfinite(float(num_items_in_batch)):
+        raise ValueError(f"num_items_in_batch must be >= 0 and finite (0: a zero loss), got {num_items_in_batch}")

@@ -96,6 +96,12 @@ def contrastive_kd_loss_reference(
     student_log_probs = torch.log_softmax(s / tau, dim=-1)
     kd = divergence(teacher_log_probs, student_log_probs, opts.beta) * opts.kd_scale
 
+    return _reduce(s, kd, labels, mask, num_items_in_batch, opts, compute_dtype)
+
+
+def _reduce(s: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None,
+            num_items_in_batch: object, opts: KDOptions, compute_dtype: torch.dtype):
+    """CE on the transformed student logits ``s``, the valid rows, the reductions and the weights."""
     valid = torch.ones(s.shape[:-1], dtype=torch.bool, device=s.device)
     if mask is not None:
         valid = valid & mask
@@ -116,6 +122,7 @@ def contrastive_kd_loss_reference(
     else:
         if num_items_in_batch is not None:
             denominator = torch.as_tensor(num_items_in_batch, dtype=compute_dtype, device=s.device)
+            denominator = torch.where(denominator == 0, float("inf"), denominator)  # no items: a zero loss
         else:
             denominator = valid.sum().clamp(min=1).to(compute_dtype)
         kd_loss, ce_loss = kd.sum() / denominator, ce.sum() / denominator
@@ -152,3 +159,65 @@ def fused_linear_contrastive_kd_loss_reference(
     return contrastive_kd_loss_reference(
         student_logits, teacher_logits, negative_logits, labels, compute_dtype=compute_dtype, **options
     )
+
+
+def topk_kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    tail_floor: float = 1e-6,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Materialising reference of the top-k teacher (:mod:`caad_kernels.topk`): ``(loss, kd_loss, ce_loss)``.
+
+    Builds the two ``(k+1)``-outcome distributions explicitly (the ``k`` slots, then the tail
+    bucket, whose student mass is summed over a dense mask of the tokens outside the top k) and
+    lets autograd differentiate the divergence of :func:`divergence` on them. Slots whose
+    log-probability is ``-inf`` are empty. ``tail_floor`` as ``caad_kernels.topk.TAIL_FLOOR``.
+    """
+    opts = KDOptions(**{k: v for k, v in options.items() if k not in ("return_components",)})
+    vocab = student_logits.shape[-1]
+    s = softcap(student_logits.to(compute_dtype), opts.student_logit_scale, opts.student_softcap)
+    log_q = torch.log_softmax(s / opts.temperature, dim=-1)
+    log_p = teacher_topk_logprobs.to(compute_dtype)
+    filled = log_p > float("-inf")
+    index = torch.where(filled, teacher_topk_indices.long(), torch.zeros_like(teacher_topk_indices.long()))
+    one_hot = torch.nn.functional.one_hot(index, vocab).to(torch.bool) & filled.unsqueeze(-1)  # [..., k, V]
+    in_top = one_hot.any(dim=-2)
+    log_q_slots = torch.where(filled, log_q.gather(-1, index), float("-inf"))
+    q_tail = torch.where(in_top, torch.zeros_like(log_q), log_q.exp()).sum(-1)
+    tail_exists = ~in_top.all(-1)
+    log_q_tail = torch.where(tail_exists & (q_tail > 0), torch.log(torch.where(q_tail > 0, q_tail, 1.0)),
+                             float("-inf"))
+    r = (1 - torch.where(filled, log_p.exp(), 0.0).sum(-1)).clamp(min=0)
+    r = torch.where(tail_exists & (q_tail > 0), r.clamp(min=tail_floor), torch.where(tail_exists, r, 0.0))
+    log_r = torch.where(r > 0, torch.log(torch.where(r > 0, r, 1.0)), float("-inf"))
+    teacher_coarse = torch.cat([torch.where(filled, log_p, float("-inf")), log_r.unsqueeze(-1)], dim=-1)
+    student_coarse = torch.cat([log_q_slots, log_q_tail.unsqueeze(-1)], dim=-1)
+    kd = divergence(teacher_coarse, student_coarse, opts.beta) * opts.kd_scale
+    return _reduce(s, kd, labels, mask, num_items_in_batch, opts, compute_dtype)
+
+
+def fused_linear_topk_kd_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused op with a top-k teacher: full student logits, then :func:`topk_kd_loss_reference`."""
+    options = {k: v for k, v in options.items() if k not in ("chunk_size", "accum_dtype", "compact")}
+    logits = student_hidden.to(compute_dtype) @ student_weight.to(compute_dtype).T
+    if student_bias is not None:
+        logits = logits + student_bias.to(compute_dtype)
+    return topk_kd_loss_reference(logits, teacher_topk_indices, teacher_topk_logprobs, labels,
+                                  compute_dtype=compute_dtype, **options)

@@ -17,6 +17,9 @@
 // loss_and_grad (coefficients known in advance) runs a row's gradient sweep right after its forward
 // sweeps while the row is still in cache, with log p and log q taken from the row's maxima and sums
 // rather than from the rounded lse; split rows write gradients only after all segments have merged.
+// An optional per-row column limit (int64 [rows]) restricts row r to columns [0, min(limit_r, vocab)): the
+// columns at or past it are never read, count as -inf in every path and get a zero gradient; a row whose
+// limit is <= 0 is ignored like an ignore_index row. Without it every row spans the vocabulary.
 
 #include <torch/extension.h>
 
@@ -72,6 +75,7 @@ struct RowJob {
   float alpha = 0.f, inv_temperature = 1.f, beta = 0.f, log_plausibility = 0.f;
   float log_beta = 0.f, log_one_minus_beta = 0.f;
   const float* alpha_rows = nullptr;  // per-row alpha (float32 [rows]) or nullptr for `alpha`
+  const int64_t* col_limit = nullptr;  // per-row column limit (int64 [rows]) or nullptr: the whole vocabulary
   // per-path logit transforms: x -> cap * tanh(scale * x / cap) (cap 0: scale * x only)
   float student_scale = 1.f, teacher_scale = 1.f, student_cap = 0.f, teacher_cap = 0.f;
   Divergence divergence = Divergence::kForward;
@@ -201,10 +205,11 @@ Src make_src(const at::Tensor& t, const char* name, int64_t batch, int64_t seq, 
 }
 
 // `scalars` = [alpha, inv_temperature, beta, log_plausibility, student_scale, teacher_scale, student_cap,
-// teacher_cap] (a cap of 0 is off); `alpha_rows` a float32 [rows] tensor replacing alpha per row.
+// teacher_cap] (a cap of 0 is off); `alpha_rows` a float32 [rows] tensor replacing alpha per row; `col_limit`
+// an int64 [rows] tensor of per-row column limits.
 RowJob make_job(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& negative,
-                const std::optional<at::Tensor>& alpha_rows, const std::vector<double>& scalars, bool cutoff,
-                int64_t vocab) {
+                const std::optional<at::Tensor>& alpha_rows, const std::optional<at::Tensor>& col_limit,
+                const std::vector<double>& scalars, bool cutoff, int64_t vocab) {
   TORCH_CHECK(scalars.size() == 8, "caad cpp backend: expected 8 scalars, got ", scalars.size());
   const double alpha = scalars[0], inv_temperature = scalars[1], beta = scalars[2], log_plausibility = scalars[3];
   TORCH_CHECK(student.dim() == 3, "caad cpp backend: student must be a [B, T, V] view");
@@ -226,6 +231,12 @@ RowJob make_job(const at::Tensor& student, const at::Tensor& teacher, const std:
                 "caad cpp backend: alpha_rows must be a contiguous float32 CPU tensor of ", batch * seq, " elements");
     job.alpha_rows = a.data_ptr<float>();
   }
+  if (col_limit.has_value()) {
+    const at::Tensor& c = *col_limit;
+    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kLong && c.is_contiguous() && c.numel() == batch * seq,
+                "caad cpp backend: col_limit must be a contiguous int64 CPU tensor of ", batch * seq, " elements");
+    job.col_limit = c.data_ptr<int64_t>();
+  }
   job.cutoff = cutoff;
   job.alpha = static_cast<float>(alpha);
   job.inv_temperature = static_cast<float>(inv_temperature);
@@ -244,22 +255,34 @@ RowJob make_job(const at::Tensor& student, const at::Tensor& teacher, const std:
   return job;
 }
 
-// Per-row CE label (-1: none), or kIgnored for ignore_index rows. Without `has_ce` the labels only mark
-// ignored rows. A label outside [0, vocab) sets kFlagLabel in `flags` (the row gets NaN, the op raises).
-std::vector<int64_t> row_labels(const std::optional<at::Tensor>& labels, int64_t rows, int64_t ignore_index,
-                                int64_t vocab, bool has_ce, std::vector<int>& flags) {
+// The number of columns row `row` reads: the vocabulary, or its column limit clamped to [0, vocab].
+inline int64_t row_columns(const RowJob& job, int64_t row, int64_t vocab) {
+  if (job.col_limit == nullptr) return vocab;
+  return std::clamp<int64_t>(job.col_limit[row], 0, vocab);
+}
+
+// Per-row CE label (-1: none), or kIgnored for ignore_index rows (and rows whose column limit is <= 0).
+// Without `has_ce` the labels only mark ignored rows. A label outside [0, vocab) (outside [0, limit) with a
+// column limit) sets kFlagLabel in `flags` (the row gets NaN, the op raises).
+std::vector<int64_t> row_labels(const RowJob& job, const std::optional<at::Tensor>& labels, int64_t rows,
+                                int64_t ignore_index, int64_t vocab, bool has_ce, std::vector<int>& flags) {
   std::vector<int64_t> out(rows, -1);
   flags.assign(rows, 0);
+  if (job.col_limit != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      if (job.col_limit[i] <= 0) out[i] = kIgnored;
+    }
+  }
   if (!labels.has_value()) return out;
   const at::Tensor& y = *labels;
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.is_contiguous() && y.numel() == rows,
               "caad cpp backend: labels must be a contiguous int64 CPU tensor of ", rows, " elements");
   const int64_t* p = y.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
-    if (p[i] == ignore_index) {
+    if (p[i] == ignore_index || out[i] == kIgnored) {
       out[i] = kIgnored;
     } else if (has_ce) {
-      if (p[i] >= 0 && p[i] < vocab) {
+      if (p[i] >= 0 && p[i] < row_columns(job, i, vocab)) {
         out[i] = p[i];
       } else {
         flags[i] = kFlagLabel;
@@ -401,6 +424,18 @@ GradOut make_grad_out(const at::Tensor& grad, const float* coef_kd, const float*
                  static_cast<size_t>(stride) * size};
 }
 
+// The gradient of columns [c0, c1) of a row that reads columns [0, ncols): the kernel below ncols, zeros from
+// there on (ncols = vocab without a column limit: the kernel alone).
+inline void backward_columns(const Kernels& K, const RowJob& job, int64_t row, int64_t c0, int64_t c1, int64_t ncols,
+                             const RowStats& rs, char* grad_row) {
+  const int64_t mid = std::clamp(ncols, c0, c1);
+  if (mid > c0) K.backward(job, row, c0, mid, rs, grad_row);
+  if (c1 > mid) {
+    const size_t size = dtype_size(job.grad_dt);
+    std::memset(grad_row + mid * size, 0, static_cast<size_t>(c1 - mid) * size);
+  }
+}
+
 // The teacher's maximum after its transform (monotone, so transform of the raw maximum).
 inline float transformed_zmax(const RowJob& job, float raw) {
   return transform_scalar(raw, job.teacher_scale, job.teacher_cap);
@@ -425,29 +460,35 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
         if (grad != nullptr) std::memset(grad->base + row * grad->row_stride, 0, grad->row_bytes);
         continue;
       }
-      const float zmax = job.cutoff ? transformed_zmax(job, K.zmax(job, row, 0, vocab)) : 0.f;
+      const int64_t ncols = row_columns(job, row, vocab);
+      const float zmax = job.cutoff ? transformed_zmax(job, K.zmax(job, row, 0, ncols)) : 0.f;
       const float zthr = zmax + job.log_plausibility;
-      const Partial st = K.main(job, row, 0, vocab, zthr);
+      const Partial st = K.main(job, row, 0, ncols, zthr);
       float pm = 0.f, qm = 0.f;
-      if (mixture) K.mixture(job, row, 0, vocab, zthr, st, &pm, &qm);
+      if (mixture) K.mixture(job, row, 0, ncols, zthr, st, &pm, &qm);
       finalize_row(job, row, label[row], zmax, st, pm, qm, st.flags | label_flags[row], out);
       if (grad != nullptr) {
         const RowStats rs = fused_row_stats(job, row, label[row], zmax, st, out, *grad);
-        K.backward(job, row, 0, vocab, rs, grad->base + row * grad->row_stride);
+        backward_columns(K, job, row, 0, vocab, ncols, rs, grad->base + row * grad->row_stride);
       }
     }
     return;
   }
 
-  // Few rows: every sweep is split over (row, segment) units, then the partials are merged per row.
+  // Few rows: every sweep is split over (row, segment) units, then the partials are merged per row. With a
+  // column limit a segment reads only its columns below the row's limit (possibly none: an empty state).
   const int64_t units = rows * segs;
+  auto seg_lo = [&](int64_t row, int64_t seg) {
+    return std::min(seg_begin(seg, segs, vocab), row_columns(job, row, vocab));
+  };
+  auto seg_hi = [&](int64_t row, int64_t seg) { return seg_lo(row, seg + 1); };
   std::vector<float> zmax(rows, 0.f), part_zmax(units, -INFINITY);
   if (job.cutoff) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t row = u / segs, seg = u % segs;
       if (label[row] != kIgnored) {
-        part_zmax[u] = K.zmax(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab));
+        part_zmax[u] = K.zmax(job, row, seg_lo(row, seg), seg_hi(row, seg));
       }
     }
     for (int64_t row = 0; row < rows; ++row) {
@@ -460,8 +501,7 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
   for (int64_t u = 0; u < units; ++u) {
     const int64_t row = u / segs, seg = u % segs;
     if (label[row] != kIgnored) {
-      part[u] = K.main(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab),
-                       zmax[row] + job.log_plausibility);
+      part[u] = K.main(job, row, seg_lo(row, seg), seg_hi(row, seg), zmax[row] + job.log_plausibility);
     }
   }
   std::vector<Partial> state(rows);
@@ -472,8 +512,8 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
     for (int64_t u = 0; u < units; ++u) {
       const int64_t row = u / segs, seg = u % segs;
       if (label[row] != kIgnored) {
-        K.mixture(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab),
-                  zmax[row] + job.log_plausibility, state[row], &pm[u], &qm[u]);
+        K.mixture(job, row, seg_lo(row, seg), seg_hi(row, seg), zmax[row] + job.log_plausibility, state[row],
+                  &pm[u], &qm[u]);
       }
     }
   }
@@ -499,8 +539,8 @@ void forward_impl(const RowJob& job, int64_t rows, int64_t vocab, const std::vec
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < units; ++u) {
     const int64_t row = u / segs, seg = u % segs;
-    K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), row_stats[row],
-               grad->base + row * grad->row_stride);
+    backward_columns(K, job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab),
+                     row_columns(job, row, vocab), row_stats[row], grad->base + row * grad->row_stride);
   }
 }
 
@@ -522,14 +562,15 @@ ForwardOut forward_out(std::vector<at::Tensor>& t) {
 
 std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& teacher,
                                 const std::optional<at::Tensor>& negative, const std::optional<at::Tensor>& labels,
-                                const std::optional<at::Tensor>& alpha_rows, const std::vector<double>& scalars,
-                                bool cutoff, bool has_ce, int64_t ignore_index, int64_t vocab) {
-  const RowJob job = make_job(student, teacher, negative, alpha_rows, scalars, cutoff, vocab);
+                                const std::optional<at::Tensor>& alpha_rows, const std::optional<at::Tensor>& col_limit,
+                                const std::vector<double>& scalars, bool cutoff, bool has_ce, int64_t ignore_index,
+                                int64_t vocab) {
+  const RowJob job = make_job(student, teacher, negative, alpha_rows, col_limit, scalars, cutoff, vocab);
   const int64_t rows = student.size(0) * student.size(1);
   std::vector<at::Tensor> result = forward_outputs(rows);
   if (rows == 0) return result;
   std::vector<int> label_flags;
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab, has_ce, label_flags);
+  const std::vector<int64_t> label = row_labels(job, labels, rows, ignore_index, vocab, has_ce, label_flags);
   forward_impl(job, rows, vocab, label, label_flags, forward_out(result), nullptr);
   return result;
 }
@@ -539,10 +580,11 @@ std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& tea
 std::vector<at::Tensor> loss_and_grad(const at::Tensor& student, const at::Tensor& teacher,
                                       const std::optional<at::Tensor>& negative,
                                       const std::optional<at::Tensor>& labels,
-                                      const std::optional<at::Tensor>& alpha_rows, const at::Tensor& coef_kd,
+                                      const std::optional<at::Tensor>& alpha_rows,
+                                      const std::optional<at::Tensor>& col_limit, const at::Tensor& coef_kd,
                                       const at::Tensor& coef_ce, const std::vector<double>& scalars, bool cutoff,
                                       bool has_ce, int64_t ignore_index, int64_t vocab, at::Tensor& grad) {
-  const RowJob job = make_job(student, teacher, negative, alpha_rows, scalars, cutoff, vocab);
+  const RowJob job = make_job(student, teacher, negative, alpha_rows, col_limit, scalars, cutoff, vocab);
   const int64_t rows = student.size(0) * student.size(1);
   check_f32_rows(coef_kd, "coef_kd", rows, 1);
   check_f32_rows(coef_ce, "coef_ce", rows, 1);
@@ -550,7 +592,7 @@ std::vector<at::Tensor> loss_and_grad(const at::Tensor& student, const at::Tenso
   std::vector<at::Tensor> result = forward_outputs(rows);
   if (rows == 0) return result;
   std::vector<int> label_flags;
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab, has_ce, label_flags);
+  const std::vector<int64_t> label = row_labels(job, labels, rows, ignore_index, vocab, has_ce, label_flags);
   const GradOut g = make_grad_out(grad, coef_kd.data_ptr<float>(), has_ce ? coef_ce.data_ptr<float>() : nullptr,
                                   vocab, job.grad_dt);
   forward_impl(job, rows, vocab, label, label_flags, forward_out(result), &g);
@@ -559,10 +601,10 @@ std::vector<at::Tensor> loss_and_grad(const at::Tensor& student, const at::Tenso
 
 void backward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& negative,
               const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& alpha_rows,
-              const at::Tensor& stats, const at::Tensor& coef_kd, const at::Tensor& coef_ce,
-              const std::vector<double>& scalars, bool cutoff, bool has_ce, int64_t ignore_index, int64_t vocab,
-              at::Tensor& grad) {
-  const RowJob job = make_job(student, teacher, negative, alpha_rows, scalars, cutoff, vocab);
+              const std::optional<at::Tensor>& col_limit, const at::Tensor& stats, const at::Tensor& coef_kd,
+              const at::Tensor& coef_ce, const std::vector<double>& scalars, bool cutoff, bool has_ce,
+              int64_t ignore_index, int64_t vocab, at::Tensor& grad) {
+  const RowJob job = make_job(student, teacher, negative, alpha_rows, col_limit, scalars, cutoff, vocab);
   const int64_t rows = student.size(0) * student.size(1);
   check_f32_rows(stats, "stats", rows, 5);
   check_f32_rows(coef_kd, "coef_kd", rows, 1);
@@ -570,7 +612,7 @@ void backward(const at::Tensor& student, const at::Tensor& teacher, const std::o
   check_grad(grad, student, rows, vocab);
   if (rows == 0) return;
   std::vector<int> label_flags;
-  const std::vector<int64_t> label = row_labels(labels, rows, ignore_index, vocab, has_ce, label_flags);
+  const std::vector<int64_t> label = row_labels(job, labels, rows, ignore_index, vocab, has_ce, label_flags);
   const float* st = stats.data_ptr<float>();
   const float* ckd = coef_kd.data_ptr<float>();
   const float* cce = coef_ce.data_ptr<float>();
@@ -585,8 +627,8 @@ void backward(const at::Tensor& student, const at::Tensor& teacher, const std::o
     const bool ignored = label[row] == kIgnored;
     RowStats rs{s[0], 0.f, 0.f, s[1], s[2], s[3], s[4] + job.log_plausibility, ignored ? 0.f : ckd[row],
                 ignored || !has_ce ? 0.f : cce[row], ignored ? -1 : label[row]};
-    K.backward(job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab), rs,
-               g.base + row * g.row_stride);
+    backward_columns(K, job, row, seg_begin(seg, segs, vocab), seg_begin(seg + 1, segs, vocab),
+                     row_columns(job, row, vocab), rs, g.base + row * g.row_stride);
   }
 }
 
@@ -609,22 +651,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "caad_kernels C++ (OpenMP) CPU row kernels of the contrastive KD loss";
   m.def("forward", &caad::forward, py::call_guard<py::gil_scoped_release>(),
-        "forward(student, teacher, negative, labels, alpha_rows, scalars, cutoff, has_ce, ignore_index, vocab) -> "
-        "[kd, ce, stats, flags]; scalars = [alpha, inv_temperature, beta, log_plausibility, student_scale, "
+        "forward(student, teacher, negative, labels, alpha_rows, col_limit, scalars, cutoff, has_ce, ignore_index, "
+        "vocab) -> [kd, ce, stats, flags]; scalars = [alpha, inv_temperature, beta, log_plausibility, student_scale, "
         "teacher_scale, student_cap, teacher_cap]",
         py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha_rows"),
-        py::arg("scalars"), py::arg("cutoff"), py::arg("has_ce"), py::arg("ignore_index"), py::arg("vocab"));
+        py::arg("col_limit"), py::arg("scalars"), py::arg("cutoff"), py::arg("has_ce"), py::arg("ignore_index"), py::arg("vocab"));
   m.def("backward", &caad::backward, py::call_guard<py::gil_scoped_release>(),
-        "backward(student, teacher, negative, labels, alpha_rows, stats, coef_kd, coef_ce, scalars, cutoff, has_ce, "
-        "ignore_index, vocab, grad) -> None (writes grad)",
+        "backward(student, teacher, negative, labels, alpha_rows, col_limit, stats, coef_kd, coef_ce, scalars, cutoff, "
+        "has_ce, ignore_index, vocab, grad) -> None (writes grad)",
         py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha_rows"),
-        py::arg("stats"), py::arg("coef_kd"), py::arg("coef_ce"), py::arg("scalars"), py::arg("cutoff"),
+        py::arg("col_limit"), py::arg("stats"), py::arg("coef_kd"), py::arg("coef_ce"), py::arg("scalars"), py::arg("cutoff"),
         py::arg("has_ce"), py::arg("ignore_index"), py::arg("vocab"), py::arg("grad"));
   m.def("loss_and_grad", &caad::loss_and_grad, py::call_guard<py::gil_scoped_release>(),
-        "loss_and_grad(student, teacher, negative, labels, alpha_rows, coef_kd, coef_ce, scalars, cutoff, has_ce, "
-        "ignore_index, vocab, grad) -> [kd, ce, stats, flags] (and writes grad, which may alias the student)",
+        "loss_and_grad(student, teacher, negative, labels, alpha_rows, col_limit, coef_kd, coef_ce, scalars, cutoff, "
+        "has_ce, ignore_index, vocab, grad) -> [kd, ce, stats, flags] (and writes grad, which may alias the student)",
         py::arg("student"), py::arg("teacher"), py::arg("negative"), py::arg("labels"), py::arg("alpha_rows"),
-        py::arg("coef_kd"), py::arg("coef_ce"), py::arg("scalars"), py::arg("cutoff"), py::arg("has_ce"),
+        py::arg("col_limit"), py::arg("coef_kd"), py::arg("coef_ce"), py::arg("scalars"), py::arg("cutoff"), py::arg("has_ce"),
         py::arg("ignore_index"), py::arg("vocab"), py::arg("grad"));
   m.def("isa", &caad::isa, "name of the kernel set in use: 'avx2' or 'generic'");
   m.def("set_isa", &caad::set_isa, "testing hook: 'generic' forces the baseline kernels, 'auto' restores");

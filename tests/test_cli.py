@@ -9,7 +9,7 @@ import pytest
 from stage2_fixtures import prepare, stage2_settings, write_config
 
 from caad.cli import main
-from caad.stage2.outputs import MARKER
+from caad.train.outputs import MARKER
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,9 @@ def test_stage2_command_trains_and_reports(prepared, tmp_path, capsys):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", stage2_settings(prepared, out, max_steps=2))
     assert main(["stage2", "--config", str(config), "stage2.alpha=0"]) == 0
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the command destroyed the process group it started
     printed = capsys.readouterr().out
     assert "stage 2: 2 steps" in printed and str(out / "final") in printed
     assert (out / "final" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
@@ -131,3 +134,90 @@ def test_run_command_end_to_end(tmp_path, capsys):
     assert (out / "stage1" / "train.jsonl").is_file()
     assert "| teacher |" in printed and "| student |" in printed  # the evaluation table
     assert (out / "eval" / "results.md").is_file()
+
+
+def test_train_command_runs_any_registered_method(prepared, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", stage2_settings(prepared, out, max_steps=1))
+    assert main(["train", "--method", "caad", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "caad [stage2]: 1 steps" in printed and str(out / "final") in printed
+    # another section of the same method: the CE-only warm-up settings
+    warm = tmp_path / "warm"
+    sections = {"warmup": stage2_settings(prepared, warm, max_steps=1, kd_weight=0.0, teacher=None)}
+    config = write_config(tmp_path / "w.yaml", stage2_settings(prepared, out), **sections)
+    assert main(["distill", "--method", "caad", "--section", "warmup", "--config", str(config)]) == 0
+    assert "caad [warmup]: 1 steps" in capsys.readouterr().out
+    assert main(["train", "--method", "caad", "--section", "data", "--config", str(config)]) == 2
+    assert "no training section 'data'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_overwrite_checks_every_input_before_replacing(prepared, tmp_path, capsys):
+    import shutil
+
+    from caad.data import read_manifest, write_manifest
+
+    earlier = tmp_path / "earlier"
+    before = _earlier_run(earlier)
+    # a manifest with a row Stage 1 never filled: found before the earlier run is touched
+    rows = read_manifest(prepared.train)
+    rows[3].pseudo_gt = None
+    bad_manifest = tmp_path / "bad.jsonl"
+    write_manifest(bad_manifest, rows)
+    settings = stage2_settings(prepared, earlier, train_manifest=str(bad_manifest), overwrite=True)
+    assert main(["stage2", "--config", str(write_config(tmp_path / "c.yaml", settings))]) == 2
+    assert "has no pseudo_gt" in capsys.readouterr().err
+    assert _snapshot(earlier) == before
+    # a student checkpoint whose weights cannot be read: the same
+    broken = tmp_path / "broken_student"
+    shutil.copytree(prepared.student, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    settings = stage2_settings(prepared, earlier, student=str(broken), overwrite=True)
+    assert main(["stage2", "--config", str(write_config(tmp_path / "c.yaml", settings))]) == 2
+    assert f"stage2.student: could not load the checkpoint {broken}" in capsys.readouterr().err
+    assert _snapshot(earlier) == before
+    # valid inputs: now the earlier run is replaced
+    settings = stage2_settings(prepared, earlier, max_steps=1, overwrite=True)
+    assert main(["stage2", "--config", str(write_config(tmp_path / "c.yaml", settings))]) == 0
+    assert not (earlier / "final" / "weights.bin").exists() and (earlier / "final" / "config.json").is_file()
+
+
+def test_run_never_warms_up_a_real_teacher_unless_asked(prepared, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        f"output_dir={out}",
+        f"data.corpus_dir={tiny_corpus.root}",
+        "models.tiny=false",
+        f"models.teacher={prepared.teacher}",
+        f"models.student={prepared.student}",
+        "stage2.max_steps=1",
+        "stage2.progress=false",
+        "eval.enabled=false",
+    ]
+    assert main(["run", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher warm-up: skipped" in printed
+    assert not (out / "warmup").exists()
+    assert f"teacher:  {prepared.teacher}" in printed  # distilled from the checkpoint as it is
+    assert (out / "stage1" / "validation.jsonl").is_file()
+    assert any("val_loss" in r for r in _records(out / "stage2" / "metrics.jsonl"))
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_passes_model_and_data_settings_to_every_training_section():
+    from caad.config import load_config
+    from caad.pipeline import _inherit
+
+    overrides = ["models.chat_template=false", "models.allow_pickle=true", "data.min_seconds=0.5", "data.check=false"]
+    config = load_config(None, [*overrides, "warmup.min_seconds=0.2"])
+    stage2 = _inherit(config.stage2, config)
+    assert (stage2.chat_template, stage2.allow_pickle) == (False, True)
+    assert (stage2.min_seconds, stage2.data_check) == (0.5, False)
+    assert _inherit(config.warmup, config).min_seconds == 0.2  # a section's own setting wins

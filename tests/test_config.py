@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from caad.cli import UserError
 from caad.config import (
     CaadConfig,
     ConfigError,
-    TrainConfig,
+    Stage2Config,
+    TrainerConfig,
+    config_field,
+    config_to_dict,
+    describe_keys,
     expand_output_dir,
     list_keys,
     load_config,
@@ -32,7 +38,7 @@ def test_defaults_are_the_caad_settings():
         0,
         0,
     )
-    assert s2.negative_mode == "zero" and s2.optimizer == "adamw"
+    assert s2.negative_mode == "remove" and s2.optimizer == "adamw"
     assert config.warmup.kd_weight == 0 and config.warmup.ce_weight == 1
     assert issubclass(ConfigError, UserError)
 
@@ -76,7 +82,7 @@ def test_parse_overrides_values_are_yaml():
         (["stage2.lr=fast"], "stage2.lr must be a number, got 'fast'"),
         (["stage2.batch_size=2.5"], "stage2.batch_size must be an integer"),
         (["stage2.overwrite=yes please"], "stage2.overwrite must be true or false"),
-        (["stage2.negative_mode=silence"], "stage2.negative_mode must be one of 'zero', 'remove', 'noise'"),
+        (["stage2.negative_mode=silence"], "stage2.negative_mode must be one of 'remove', 'silence_fixed_length'"),
         (["stage2.precision=fp16"], "stage2.precision must be one of 'fp32', 'bf16'"),
         (["stage2.zero_stage=4"], "stage2.zero_stage must be 0, 1, 2 or 3"),
         (["stage2.temperature=0"], "stage2.temperature must be > 0"),
@@ -118,17 +124,17 @@ def test_errors_in_the_file_name_the_file(tmp_path):
 
 
 def test_missing_inputs_are_reported(tmp_path):
-    config = TrainConfig(train_manifest=str(tmp_path / "nope.jsonl"), student="x", output_dir="o")
+    config = Stage2Config(train_manifest=str(tmp_path / "nope.jsonl"), student="x", output_dir="o")
     with pytest.raises(ConfigError, match="stage2.train_manifest: file not found"):
         config.check_paths("stage2")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("")
     (tmp_path / "empty_ckpt").mkdir()
-    config = TrainConfig(train_manifest=str(manifest), student=str(tmp_path / "empty_ckpt"), output_dir="o")
+    config = Stage2Config(train_manifest=str(manifest), student=str(tmp_path / "empty_ckpt"), output_dir="o")
     with pytest.raises(ConfigError, match="stage2.student: .* is not a model checkpoint \\(no config.json"):
         config.check_paths("stage2")
     (tmp_path / "empty_ckpt" / "config.json").write_text("{}")
-    config = TrainConfig(
+    config = Stage2Config(
         train_manifest=str(manifest),
         student=str(tmp_path / "empty_ckpt"),
         output_dir="o",
@@ -158,3 +164,146 @@ def test_timestamped_output_dir(tmp_path):
     Path(first).mkdir()
     assert expand_output_dir(str(tmp_path / "demo-{timestamp}"), now) == first + "-2"
     assert expand_output_dir("plain/dir") == "plain/dir"
+
+
+def test_warmup_only_for_tiny_models_unless_asked():
+    config = load_config(None)
+    assert config.warmup.enabled is None
+    assert config.warmup.resolved_enabled(tiny_models=True) is True
+    assert config.warmup.resolved_enabled(tiny_models=False) is False
+    assert load_config(None, ["warmup.enabled=true"]).warmup.resolved_enabled(tiny_models=False) is True
+    assert load_config(None, ["warmup.enabled=false"]).warmup.resolved_enabled(tiny_models=True) is False
+
+
+def test_training_defaults_save_checkpoints():
+    assert load_config(None).stage2.save_every > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["stage2.offload_optimizer=cpu"], "stage2.offload_optimizer needs zero_stage >= 1"),
+        (["stage2.zero_stage=2", "stage2.offload_param=cpu"], "stage2.offload_param needs zero_stage 3"),
+        (["stage2.zero_stage=3", "stage2.offload_param=nvme"], "stage2.offload_nvme_path is required"),
+        (["stage2.offload_optimizer=gpu"], "stage2.offload_optimizer must be one of 'none', 'cpu', 'nvme'"),
+        (["stage2.eval_every=-1"], "stage2.eval_every must be >= 0"),
+    ],
+)
+def test_engine_options_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_validation_needs_a_manifest(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    config = Stage2Config(
+        train_manifest=str(manifest), student=str(tmp_path / "ckpt"), output_dir="o", kd_weight=0.0, eval_every=5
+    )
+    with pytest.raises(ConfigError, match="stage2.validation_manifest is required with eval_every > 0"):
+        config.check_paths("stage2")
+    config.validation_manifest = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="stage2.validation_manifest: file not found"):
+        config.check_paths("stage2")
+
+
+def test_every_key_has_a_one_line_help():
+    rows = describe_keys()
+    assert {key for key, *_ in rows} == set(list_keys())
+    for key, _type, _default, help_text in rows:
+        assert help_text and "\n" not in help_text, key
+    assert ("stage2.alpha", "a number", 2.0) == next(r[:3] for r in rows if r[0] == "stage2.alpha")
+
+
+def test_negative_and_audio_modes_match_the_models():
+    from typing import get_args
+
+    from caad.config import AudioMode, NegativeMode
+    from caad.models import AUDIO_MODES, NEGATIVE_MODE_ALIASES, NEGATIVE_MODES
+
+    assert set(get_args(NegativeMode)) == set(NEGATIVE_MODES) | set(NEGATIVE_MODE_ALIASES)
+    assert set(get_args(AudioMode)) == set(AUDIO_MODES) | set(NEGATIVE_MODE_ALIASES)
+    config = load_config(None)
+    assert config.stage2.negative_mode == "remove" and config.eval.audio_mode == "positive"
+    silence = load_config(None, ["stage2.negative_mode=silence_fixed_length", "stage2.silence_seconds=2"]).stage2
+    assert (silence.negative_mode, silence.silence_seconds) == ("silence_fixed_length", 2.0)
+    with pytest.raises(ConfigError, match="stage2.negative_mode must be one of 'remove'"):
+        load_config(None, ["stage2.negative_mode=blank"])
+    with pytest.raises(ConfigError, match="stage2.silence_seconds must be between 0.1 and 30"):
+        load_config(None, ["stage2.silence_seconds=0"])
+    with pytest.raises(ConfigError, match="stage2.max_length must be >= 2"):
+        load_config(None, ["stage2.max_length=1"])
+    with pytest.raises(ConfigError, match="data.context_share must be in \\[0, 1\\]"):
+        load_config(None, ["data.context_share=1.5"])
+    with pytest.raises(ConfigError, match="data.max_seconds must be > min_seconds"):
+        load_config(None, ["data.max_seconds=0.05"])
+
+
+@dataclasses.dataclass
+class _ToyConfig(TrainerConfig):
+    """A method's own config section, declared outside caad.config."""
+
+    weight: float = config_field(0.5, "the toy method's weight")
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.weight < 0:
+            raise ConfigError(f"{prefix}.weight must be >= 0, got {self.weight}")
+
+
+def _register_toy() -> type:
+    from caad.methods import register_method
+    from caad.train.method import Method
+
+    class Toy(Method):
+        name = "test-config-toy"
+        section = "toy_section"
+        config_class = _ToyConfig
+
+    return register_method(Toy)
+
+
+def test_a_method_declares_its_config_section_in_its_own_module(tmp_path):
+    _register_toy()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"toy_section": {"weight": 2.0, "lr": 0.1}, "stage2": {"alpha": 1.0}}))
+    config = load_config(path, ["toy_section.batch_size=3"])
+    toy = config.section("toy_section")
+    assert isinstance(toy, _ToyConfig) and (toy.weight, toy.lr, toy.batch_size) == (2.0, 0.1, 3)
+    assert config.stage2.alpha == 1.0
+    assert config_to_dict(config)["toy_section"]["weight"] == 2.0
+    # absent from the file: defaults, when the caller names the section (caad train --method does)
+    assert load_config(None, [], {"toy_section": _ToyConfig}).section("toy_section").weight == 0.5
+    with pytest.raises(ConfigError, match="unknown key 'toy_section.wieght'; did you mean 'toy_section.weight'"):
+        load_config(path, ["toy_section.wieght=1"])
+    path.write_text(yaml.safe_dump({"toy_section": {"lrr": 0.1}}))
+    with pytest.raises(ConfigError, match="c.yaml: unknown key 'toy_section.lrr'; did you mean 'toy_section.lr'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="toy_section.weight must be >= 0"):
+        load_config(None, ["toy_section.weight=-1"])
+    with pytest.raises(ConfigError, match="unknown key 'nosuch_section.x'"):
+        load_config(None, ["nosuch_section.x=1"])
+    # an ordinary config imports no method module
+    assert config.method_sections.keys() == {"toy_section"}
+    assert load_config(None).method_sections == {}
+
+
+@dataclasses.dataclass
+class _Stage2Variant(Stage2Config):
+    """A CAAD variant's config: the stage2 section with one more key."""
+
+    extra_knob: float = config_field(1.0, "a variant's own key")
+
+
+def test_a_method_variant_reads_a_builtin_section_with_its_subclass(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stage2": {"extra_knob": 3.0}}))
+    config = load_config(path, ["stage2.alpha=1"], {"stage2": _Stage2Variant})
+    assert isinstance(config.stage2, _Stage2Variant)
+    assert (config.stage2.extra_knob, config.stage2.alpha) == (3.0, 1.0)
+    assert isinstance(load_config(None, [], {"stage2": _Stage2Variant}).stage2, _Stage2Variant)
+    with pytest.raises(ConfigError, match="unknown key 'stage2.extra_knob'"):
+        load_config(path)
+    assert type(load_config(None, [], {"stage2": Stage2Config}).stage2) is Stage2Config

@@ -278,7 +278,7 @@ def _call(**overrides):
         (dict(plausibility=0.1, beta=1.0), ValueError, "reverse KL"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
-        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+        (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
         (dict(num_items_in_batch=4, reduction="sum"), ValueError, "only used with reduction='mean'"),
         (dict(alpha="2"), TypeError, "alpha must be a real number"),
         (dict(student_logits=[[1.0]]), TypeError, "student_logits must be a torch.Tensor"),

@@ -10,6 +10,7 @@ kernels (stats 0), so stats are compared on valid rows only.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -667,3 +668,17 @@ def test_first_build_is_announced_once(cpp, tmp_path, capsys, monkeypatch):
     cpp._announce_build(tmp_path)
     err = capsys.readouterr().err
     assert err.count("compiling the C++ CPU kernels") == 1 and str(tmp_path) in err and "CAAD_KERNELS_CACHE" in err
+
+
+def test_two_checkouts_of_the_same_sources_build_in_different_directories(cpp, tmp_path, monkeypatch):
+    """Before: the cache key hashed the sources' contents only, so two checkouts (a clone and the repository, an
+    installed package and a clone) shared one build directory while their build commands differed (source path,
+    ``-I``), and ninja rebuilt, in turn, under a process that was loading the library."""
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpp.source_directory(), copy)
+    key = cpp.build_key()
+    monkeypatch.setattr(cpp, "source_directory", lambda: copy)
+    copy_key = cpp.build_key()
+    assert copy_key != key
+    monkeypatch.setattr(cpp, "source_directory", lambda: tmp_path / "csrc" / ".." / "csrc")
+    assert cpp.build_key() == copy_key  # the same directory, however it is spelled, keeps its key

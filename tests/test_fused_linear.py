@@ -209,8 +209,9 @@ def test_default_chunk_size_is_bounded():
         (dict(teacher_hidden=torch.randn(2, 18, 24)), ValueError, "teacher_hidden must have the leading shape"),
         (dict(teacher_negative_hidden=torch.randn(2, 19, 23)), ValueError, "teacher_negative_hidden must have"),
         (dict(student_bias=torch.randn(52)), ValueError, r"student_bias must have shape \(53,\)"),
+        # the hidden states may differ from the weight (the GEMM runs in the weight's dtype), its bias may not
         (dict(student_weight=torch.randn(53, 16, dtype=torch.float64)), TypeError,
-         "student_weight must have the dtype"),
+         r"student_bias must have the dtype of student_weight \(torch.float64\)"),
         (dict(labels=torch.zeros(2, 19)), TypeError, "labels must be an integer"),
         (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
         (dict(temperature=0.0), ValueError, "temperature must be > 0"),
@@ -295,3 +296,86 @@ def test_memory_contract_on_cpu():
     report = f"fused peaks {fused}, reference peak {reference} (bytes)"
     assert fused[4096] - fused[1024] < growth_allowed < one_logits_growth, report
     assert fused[4096] < reference / 4, report
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: torch.autocast, and hidden states whose dtype differs from the weight's
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def bf16_reference(inputs, **options):
+    """The float64 reference on the inputs rounded to bfloat16 (what a bf16 GEMM reads), gradients included."""
+    rounded = {k: v.detach().bfloat16().requires_grad_(v.requires_grad) if v.is_floating_point() else v
+               for k, v in inputs.items()}
+    ref = fused_linear_contrastive_kd_loss_reference(**rounded, compute_dtype=torch.float64, **options)[0]
+    return ref, torch.autograd.grad(ref, student_params(rounded))
+
+
+@pytest.mark.parametrize("device_type_autocast", [True, False])
+def test_autocast_bf16_runs_the_gemms_in_bf16(device_type_autocast):
+    """Before: ``torch.mm(..., out=grad_h)`` raised 'Expected out tensor to have dtype c10::BFloat16' under autocast.
+    Under ``torch.autocast("cpu", bfloat16)`` the GEMMs run in bf16 (as for an ``nn.Linear``) and the gradients come
+    back in float32, the inputs' dtype (the weight gradient is summed in float32, never rounded to bf16)."""
+    inputs = make_inputs(seed=21)
+    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if device_type_autocast else torch.autocast("cpu",
+                                                                                                       enabled=False)
+    with context:
+        loss = fused_linear_contrastive_kd_loss(**inputs, chunk_size=8, **options)
+    grads = torch.autograd.grad(loss, student_params(inputs))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    if device_type_autocast:
+        ref, ref_grads = bf16_reference(inputs, **options)
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-3, atol=2e-3)
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert relative_error(grad, ref_grad) < 2e-2
+    else:
+        ref = fused_linear_contrastive_kd_loss_reference(**inputs, compute_dtype=torch.float64, **options)[0]
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_hidden_states_with_a_bf16_weight():
+    """Before: a TypeError. Now the GEMM runs in the weight's dtype (bf16); each gradient comes back in its input's
+    dtype (float32 hidden states, bf16 weight and bias), close to the reference on the bf16-rounded hidden states."""
+    inputs = make_inputs(seed=22)
+    for name in ("student_weight", "student_bias", "teacher_weight", "teacher_bias"):
+        inputs[name] = inputs[name].detach().bfloat16().requires_grad_(inputs[name].requires_grad)
+    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3)
+    loss = fused_linear_contrastive_kd_loss(**inputs, chunk_size=8, **options)
+    grads = torch.autograd.grad(loss, student_params(inputs))
+    assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    ref, ref_grads = bf16_reference(inputs, **options)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-3, atol=2e-3)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert relative_error(grad, ref_grad) < 2e-2
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compact_false_runs_every_row_and_gives_the_same_result(monkeypatch, reduction):
+    """``compact=False`` (no host synchronisation on CUDA): ignored and masked rows go through the GEMMs, the row
+    kernels skip them, and the loss and gradients are those of the compacted call."""
+    from caad_kernels import fused_linear as fused_module
+
+    inputs = make_inputs(seed=23)
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, 10:] = False
+    gemm_rows = []
+    original = fused_module._linear_into
+    monkeypatch.setattr(fused_module, "_linear_into",
+                        lambda h, w, b: (gemm_rows.append(h.shape[0]), original(h, w, b))[1])
+    results = []
+    for compact in (True, False):
+        gemm_rows.clear()
+        loss = fused_linear_contrastive_kd_loss(**inputs, mask=mask, alpha=2.0, ce_weight=0.3, chunk_size=8,
+                                                reduction=reduction, compact=compact)
+        grads = torch.autograd.grad(loss.sum(), student_params(inputs))
+        results.append((loss, grads, sum(gemm_rows)))
+    (loss, grads, rows), (loss_all, grads_all, rows_all) = results
+    factor = 2 if reduction == "none" else 1  # "none" runs the chunks again in backward
+    assert rows == factor * 2 * (38 - 3 - 9) and rows_all == factor * 2 * 38  # student + one teacher GEMM
+    torch.testing.assert_close(loss_all, loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads_all, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+import integrations_ddp_worker as ddp_worker  # noqa: E402
+import integrations_loop_worker as loop_worker  # noqa: E402
 from integrations_helpers import IGNORE, batch, causal_lm, tokenizer  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
@@ -19,8 +21,9 @@ KINDS = {
     "hf": "ContrastiveKDTrainer(",
     "gkd": "GKDTrainer(",
     "distillation": "DistillationTrainer(",
-    "liger": "fused_linear_contrastive_kd_loss(",
+    "liger": "loss = fused_linear_contrastive_kd_loss(",
     "torchtune": "ForwardKLWithChunkedOutputLoss(",
+    "loop": "forward_through(",
 }
 
 
@@ -90,6 +93,8 @@ def _namespace(kind: str, tmp_path: Path) -> dict:
 def test_recipe_runs(index, tmp_path):
     code = BLOCKS[index]
     kind = _kind(code)
+    if kind == "loop":
+        return _check_own_loop_recipe(code)
     if kind in ("gkd", "distillation"):
         pytest.importorskip("trl")
     ns = _namespace(kind, tmp_path)
@@ -112,3 +117,61 @@ def test_recipe_runs(index, tmp_path):
         ref = torchtune_chunked(ns["student_logit_chunks"], ns["teacher_logit_chunks"], ns["labels"])
         torch.testing.assert_close(ns["kd_loss"].double(), ref.detach(), rtol=1e-5, atol=1e-5)
         assert ns["student_logits_full"].grad is not None
+
+
+# ---- the own-loop recipe (DDP, accumulation, LoRA on the lm_head) -------------------------------------------------
+
+
+def _loop_reference_grads(student, teacher):
+    """The gradient of the float64 loss from the models' own logits over all 8 examples (the global mean)."""
+    from test_integrations_hf import reference_loss
+
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    inputs = loop_worker.stack(ddp_worker.dataset())
+    loss = reference_loss(student, teacher, inputs, **loop_worker.LOSS_OPTIONS)
+    return dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
+
+
+def _assert_grads_match(grads, reference):
+    assert sorted(grads) == sorted(reference)
+    for name, ref in reference.items():
+        scale = float(ref.abs().max().clamp(min=1e-30))
+        torch.testing.assert_close(grads[name].double(), ref.double(), rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def _check_own_loop_recipe(code):
+    """One process, 4 micro-batches of 2, LoRA on q_proj and the lm_head: the gradient of the global mean."""
+    peft = pytest.importorskip("peft")
+    options = ", ".join(f"{k}={v}" for k, v in loop_worker.LOSS_OPTIONS.items())
+    assert options in code  # the reference below uses the recipe's options
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0,
+                             init_lora_weights=False)  # nonzero B: the adapter changes the logits
+    student = peft.get_peft_model(causal_lm("llama", seed=0, hidden=16), config)
+    teacher = causal_lm("llama", seed=1, hidden=24)
+    reference = _loop_reference_grads(student, teacher)
+    assert any("lm_head.lora_B" in name for name in reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = loop_worker.run(None, student, teacher)
+    _assert_grads_match(saved["grads"], reference)
+
+
+@pytest.mark.slow
+def test_own_loop_recipe_under_two_process_ddp(tmp_path):
+    """The recipe as written under 2-process gloo DDP (2 micro-batches of 2 per rank): identical all-reduced
+    gradients on both ranks, parameters in sync after the step, equal to the global mean over the 8 examples."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tests / "integrations_loop_worker.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, grad in rank0["grads"].items():
+        assert torch.equal(grad, rank1["grads"][name]), name
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+    _assert_grads_match(rank0["grads"], _loop_reference_grads(*ddp_worker.models()))

@@ -157,7 +157,7 @@ def test_no_valid_token_in_the_global_batch_gives_zero(tmp_path):
     loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(0))
     assert loss.item() == 0.0
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in student.parameters() if p.grad is not None)
 
 
 def test_bad_options_raise_before_training(tmp_path):

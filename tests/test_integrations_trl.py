@@ -159,6 +159,23 @@ def test_chunked_divergence_loss_equals_trl(beta):
     assert torch.isnan(entropy)  # not computed unless asked for
 
 
+def test_zero_items_give_a_zero_loss_and_zero_gradients():
+    """``num_items_in_batch = 0`` (no completion token in the accumulated batch): 0 where TRL gives NaN."""
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 5, VOCAB, generator=g, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE)
+    loss = generalized_jsd_loss(student, torch.randn(2, 5, VOCAB, generator=g), labels, num_items_in_batch=0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(grad) == 0
+    h_s = torch.randn(2, 5, 12, generator=g, requires_grad=True)
+    w_s = torch.randn(VOCAB, 12, generator=g, requires_grad=True)
+    loss, _, n_valid = chunked_divergence_loss(h_s, torch.randn(2, 5, 20, generator=g), w_s,
+                                               torch.randn(VOCAB, 20, generator=g), torch.zeros(2, 5), 0.5,
+                                               torch.tensor(0))
+    grads = torch.autograd.grad(loss, [h_s, w_s])
+    assert float(loss.detach()) == 0.0 and int(n_valid) == 0 and all(torch.count_nonzero(x) == 0 for x in grads)
+
+
 @pytest.fixture(scope="module")
 def distillation_trainer(tmp_path_factory):
     from datasets import Dataset

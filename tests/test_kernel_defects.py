@@ -260,14 +260,50 @@ def test_fused_backward_twice_with_retain_graph(backend, reduction):
 # 8. bad input names the argument
 
 
-@pytest.mark.parametrize("value", [torch.tensor(0), torch.tensor(-3.0), torch.tensor(float("nan"))])
-def test_num_items_tensor_must_be_positive(backend, value):
-    """Before: a tensor num_items_in_batch of 0 gave NaN and of -3 a negative loss."""
+@pytest.mark.parametrize("value", [torch.tensor(-3.0), torch.tensor(float("nan"))])
+def test_num_items_tensor_must_not_be_negative(backend, value):
+    """Before: a tensor num_items_in_batch of -3 gave a negative loss (0 is defined: tests/test_custom_ops.py)."""
     student, teacher, negative, labels = logits_inputs(seed=9)
-    with pytest.raises(ValueError, match="num_items_in_batch must be > 0"):
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
         contrastive_kd_loss(student, teacher, negative, labels, backend=backend, num_items_in_batch=value)
-    with pytest.raises(ValueError, match="num_items_in_batch must be > 0"):
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
         fused_linear_contrastive_kd_loss(**fused_inputs(seed=9), backend=backend, num_items_in_batch=value)
+
+
+@pytest.mark.parametrize("value", [0, torch.tensor(0), torch.tensor(0.0)])
+def test_num_items_zero_gives_zero_loss_and_gradients(backend, value):
+    """Before: a tensor num_items_in_batch of 0 gave NaN. No item in the accumulated batch: loss 0, gradients 0."""
+    student, teacher, negative, labels = logits_inputs(seed=9)
+    options = dict(alpha=2.0, temperature=2.0, kd_weight=0.7, ce_weight=0.3, backend=backend, num_items_in_batch=value)
+    loss = contrastive_kd_loss(student, teacher, negative, labels, **options)
+    (grad,) = torch.autograd.grad(loss, student)
+    inputs = fused_inputs(seed=9)
+    fused = fused_linear_contrastive_kd_loss(**inputs, chunk_size=8, **options)
+    fused_grads = torch.autograd.grad(fused, student_params(inputs))
+    assert float(loss.detach()) == 0.0 and float(fused.detach()) == 0.0
+    for g in (grad, *fused_grads):
+        assert torch.isfinite(g).all() and torch.count_nonzero(g) == 0
+    # the same inputs with one item do give a loss (so the zeros above come from the denominator)
+    one_item = contrastive_kd_loss(student, teacher, negative, labels, **dict(options, num_items_in_batch=1))
+    assert float(one_item.detach()) > 0
+
+
+@pytest.mark.parametrize(
+    "name,where,match",
+    [
+        ("student_weight", (7, 0), "student logits are not finite: student_hidden, student_weight"),
+        ("teacher_weight", (7, 0), "teacher logits are not finite: teacher_hidden, teacher_weight"),
+    ],
+)
+def test_nan_in_a_weight_is_found_with_check_finite(backend, name, where, match):
+    """Before: NaN in student_weight / teacher_weight passed check_finite=True (only the hidden states were read)."""
+    inputs = fused_inputs(seed=12)
+    with torch.no_grad():
+        inputs[name][where] = float("nan")
+    with pytest.raises(ValueError, match=match):
+        fused_linear_contrastive_kd_loss(**inputs, backend=backend, alpha=2.0, check_finite=True, chunk_size=8)
+    loss = fused_linear_contrastive_kd_loss(**inputs, backend=backend, alpha=2.0, chunk_size=8)
+    assert torch.isnan(loss)
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap replicates of the intervals (default: %(default)s)"
     )
+    parser.add_argument(
+        "--chat-template",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="prompts in the tokenizer's chat template: auto (when it has one, as in training), on, off",
+    )
+    parser.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt weights (weights_only)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a tokenizer that ships code")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -134,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             num_bootstrap=args.bootstrap,
+            load_options={
+                "chat_template": {"auto": None, "on": True, "off": False}[args.chat_template],
+                "allow_pickle": args.allow_pickle,
+                "trust_remote_code": args.trust_remote_code,
+            },
         )
     paths = result_paths(args.out, name)
     print(markdown_table({name: metrics}), end="")

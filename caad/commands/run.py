@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars of tiny models are noise
     from caad.pipeline import run_pipeline
-    from caad.stage2.distributed import init_distributed
+    from caad.train.distributed import init_distributed
 
     result = run_pipeline(config)
     if not init_distributed().is_main:

@@ -55,6 +55,7 @@ from caad.eval.generation import (
 from caad.eval.metrics import TEXT_CONDITIONS, summarize
 from caad.eval.normalize import normalized_words
 from caad.eval.scoring import MAX_CANDIDATES, candidate_set, contains_words, follows_context, score_answer
+from caad.models.feature_cache import feature_cache
 from caad.models.interface import (
     DEFAULT_NEGATIVE_MODE,
     MIN_AUDIO_SAMPLES,
@@ -168,9 +169,10 @@ def evaluate_rows(
     """Generate and score answers for labelled rows; one record per row, in row order.
 
     Rows are processed ``batch_size`` at a time (a clip shared by several rows is read once per
-    batch). ``audio_mode``: the path greedy decoding runs on (``"positive"``, or a negative mode such
-    as ``"remove"`` to score the text-only path). ``with_hints``: expand legacy hint rows
-    (:func:`expand_conditions`) first.
+    batch, featurised once per run and, in a batch, encoded once:
+    :attr:`caad.models.SpeechLM.share_clip_encoding`). ``audio_mode``: the path greedy decoding runs
+    on (``"positive"``, or a negative mode such as ``"remove"`` to score the text-only path).
+    ``with_hints``: expand legacy hint rows (:func:`expand_conditions`) first.
     ``labels_per_task``: the candidate labels of each task (default: :func:`task_labels` of
     ``rows``). ``on_records`` is called with each batch's records as soon as they are scored.
 
@@ -189,7 +191,8 @@ def evaluate_rows(
     rows = expand_conditions(rows) if with_hints else list(rows)
     labels = dict(labels_per_task) if labels_per_task is not None else task_labels(rows)
     records: list[dict[str, Any]] = []
-    with tqdm(total=len(rows), desc=desc, unit="item", disable=not progress) as bar:
+    # a clip asked under several conditions is featurised once in the run (also across batches)
+    with feature_cache(), tqdm(total=len(rows), desc=desc, unit="item", disable=not progress) as bar:
         for chunk in batched(len(rows), batch_size):
             batch_rows = [rows[i] for i in chunk]
             cache: dict[Path, tuple[np.ndarray, bool]] = {}
@@ -422,6 +425,7 @@ def run_eval(
     progress: bool = True,
     num_bootstrap: int = 1000,
     audio_mode: str = "positive",
+    load_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the checkpoint at ``model_path`` on ``manifest``; write and return the metrics.
 
@@ -443,6 +447,8 @@ def run_eval(
         num_bootstrap: bootstrap replicates of the confidence intervals.
         audio_mode: the path greedy decoding runs on: ``"positive"`` (the audio), or a negative mode
             (``"remove"`` ...) to measure what the model answers without the audio.
+        load_options: keyword arguments of :func:`caad.models.load_speech_lm` (``chat_template``,
+            ``allow_pickle``, ``trust_remote_code``, ``low_memory``), as the model was trained with.
 
     Returns:
         The metrics dict (module docstring), as written to ``<out_dir>/<name>.json``. Too small a
@@ -469,7 +475,7 @@ def run_eval(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_speech_lm(model_path, device=device)
+    model = load_speech_lm(model_path, device=device, **(load_options or {}))
 
     paths["predictions"].parent.mkdir(parents=True, exist_ok=True)
     for stale in (paths["json"], paths["markdown"]):  # never leave an earlier run's metrics beside new answers

@@ -13,6 +13,7 @@ from caad.models.composite import (
     CompositeSpeechLMForCausalLM,
     StackingProjector,
 )
+from caad.models.feature_cache import FeatureCache, feature_cache
 from caad.models.interface import (
     AUDIO_MODES,
     DEFAULT_NEGATIVE_MODE,
@@ -30,6 +31,7 @@ from caad.models.interface import (
     logit_postprocessing,
     position_ids_from_mask,
     resolve_audio_mode,
+    unique_clips,
     whisper_feature_extractor,
 )
 from caad.models.lora import apply_lora, effective_weight, has_lora, merged_state_dict
@@ -117,6 +119,8 @@ __all__ = [
     "train_tokenizer",
     "whisper_feature_extractor",
 ]
+# features once per clip (evaluation, experiments): caad.models.feature_cache, caad.models.interface
+__all__ += ["FeatureCache", "feature_cache", "unique_clips"]
 # text LMs as teachers (cross-modal distillation): caad.models.text_lm
 __all__ += [
     "build_text_batch",

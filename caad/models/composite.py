@@ -178,14 +178,26 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
         return (frames + self.config.stack_factor - 1) // self.config.stack_factor
 
     def get_audio_embeddings(
-        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor
+        self,
+        input_features: torch.Tensor,
+        feature_attention_mask: torch.Tensor,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``[sum of audio tokens, H]``: the kept audio tokens of every clip, concatenated in order."""
+        """``[sum of audio tokens, H]``: the kept audio tokens of every clip, concatenated in order.
+
+        ``shared``: ``(first, inverse)`` of :func:`caad.models.interface.unique_clips`: only the rows
+        ``first`` are encoded and projected, row ``c`` takes the result of ``first[inverse[c]]`` (each
+        clip is encoded on its own, so the result is that of encoding every row).
+        """
         conv = self.audio_encoder.conv1.weight
+        if shared is not None:
+            input_features = input_features[shared[0].to(input_features.device)]
         # use_cache=False: the encoder keeps no cache, and the config's default (True) would make transformers
         # log that caching is incompatible with activation checkpointing
         encoded = self.audio_encoder(input_features.to(conv.device, conv.dtype), use_cache=False).last_hidden_state
         projected = self.projector(encoded)
+        if shared is not None:
+            projected = projected[shared[1].to(projected.device)]
         counts = self.num_audio_tokens(feature_attention_mask.sum(-1)).to(projected.device)
         keep = torch.arange(projected.shape[1], device=projected.device)[None, :] < counts[:, None]
         return projected[keep]
@@ -195,8 +207,10 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
         input_ids: torch.Tensor,
         input_features: torch.Tensor | None = None,
         feature_attention_mask: torch.Tensor | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``[B, T, H]`` input embeddings with the audio tokens replaced by projected audio."""
+        """``[B, T, H]`` input embeddings with the audio tokens replaced by projected audio (``shared``:
+        see :meth:`get_audio_embeddings`)."""
         embeds = self.get_input_embeddings()(input_ids)
         audio_positions = input_ids == self.config.audio_token_id
         if input_features is None:
@@ -205,7 +219,7 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
             return embeds
         if feature_attention_mask is None:
             raise ValueError("feature_attention_mask is required with input_features")
-        audio = self.get_audio_embeddings(input_features, feature_attention_mask)
+        audio = self.get_audio_embeddings(input_features, feature_attention_mask, shared)
         expected = int(audio_positions.sum())
         if audio.shape[0] != expected:
             raise ValueError(
@@ -223,9 +237,11 @@ class CompositeSpeechLMForCausalLM(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
         use_cache: bool | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BaseModelOutputWithPast:
-        """The LM body on the merged embeddings: final hidden states (after the final norm), no logits."""
-        embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask)
+        """The LM body on the merged embeddings: final hidden states (after the final norm), no logits
+        (``shared``: see :meth:`get_audio_embeddings`)."""
+        embeds = self.embed_inputs(input_ids, input_features, feature_attention_mask, shared)
         decoder = self.language_model.get_decoder()
         return decoder(
             inputs_embeds=embeds,
@@ -304,6 +320,7 @@ class CompositeSpeechLM(WhisperAudioSpeechLM):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            shared=self.shared_clips(input_features, feature_attention_mask),
         )
         return out.last_hidden_state, output_cache(out)
 

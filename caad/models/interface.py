@@ -122,6 +122,46 @@ def clip_noise_seed(clip: np.ndarray, noise_seed: int) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+def unique_clips(
+    input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows of ``input_features`` ``[C, ...]`` that repeat an earlier row exactly (with the same row of
+    ``feature_attention_mask`` ``[C, frames]``), e.g. one clip asked several questions.
+
+    Returns ``(first, inverse)``: int64 ``[U]`` the index of each distinct row's first occurrence and
+    int64 ``[C]`` such that row ``c`` equals row ``first[inverse[c]]``; ``None`` when every row is
+    distinct (then nothing needs sharing). Rows are compared exactly (``torch.equal``), after a cheap
+    per-row key (mask length and feature sum) rules out most pairs.
+    """
+    count = int(input_features.shape[0])
+    if count < 2:
+        return None
+    flat = input_features.detach().reshape(count, -1)
+    sums = flat.double().sum(-1).tolist()
+    lengths = [0] * count if feature_attention_mask is None else feature_attention_mask.sum(-1).tolist()
+    first: list[int] = []
+    inverse: list[int] = []
+    seen: dict[tuple[Any, Any], list[int]] = {}
+    for row in range(count):
+        candidates = seen.setdefault((lengths[row], sums[row]), [])
+        for slot in candidates:
+            other = first[slot]
+            same_mask = feature_attention_mask is None or torch.equal(
+                feature_attention_mask[row], feature_attention_mask[other]
+            )
+            if same_mask and torch.equal(flat[row], flat[other]):
+                inverse.append(slot)
+                break
+        else:
+            candidates.append(len(first))
+            inverse.append(len(first))
+            first.append(row)
+    if len(first) == count:
+        return None
+    device = input_features.device
+    return torch.tensor(first, dtype=torch.long, device=device), torch.tensor(inverse, dtype=torch.long, device=device)
+
+
 def noise_features(clips: Sequence[np.ndarray], shape: Sequence[int], noise_seed: int) -> torch.Tensor:
     """``[C, *shape]`` float32 standard Gaussian features, clip ``c`` drawn from :func:`clip_noise_seed`."""
     out = torch.empty((len(clips), *shape), dtype=torch.float32)
@@ -369,6 +409,11 @@ class SpeechLM(nn.Module):
 
     #: ``config.model_type`` of the checkpoints a subclass loads (set by subclasses).
     model_type: str = ""
+    #: Compute the log-mel features and the audio encoder's outputs once per distinct clip of a batch
+    #: (:func:`unique_clips`; one clip asked under several text conditions). The encoder part applies
+    #: without autograd only (evaluation, a teacher's forward), so training gradients are untouched.
+    #: Every clip is encoded on its own by each encoder, so the outputs are the same either way.
+    share_clip_encoding: bool = True
 
     def __init__(
         self,
@@ -572,15 +617,59 @@ class SpeechLM(nn.Module):
     # ---- inputs ---------------------------------------------------------------------------------
 
     def extract_features(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-mel features of checked clips: ``([C, n_mels, frames]`` float32, ``[C, frames]`` int64)."""
+        """Log-mel features of checked clips: ``([C, n_mels, frames]`` float32, ``[C, frames]`` int64).
+
+        With :attr:`share_clip_encoding`, identical clips (same samples) are featurised once, and inside
+        :func:`caad.models.feature_cache.feature_cache` clips featurised before (by any model with the
+        same extractor settings) are taken from the cache. The extractor treats every clip on its own,
+        so the result is the same.
+        """
+        clips = list(clips)
+        if not self.share_clip_encoding or getattr(self.feature_extractor, "dither", 0.0):
+            return self._run_feature_extractor(clips)
+        from caad.models.feature_cache import active_feature_cache, clip_digest
+
+        cache = active_feature_cache()
+        keys = [clip_digest(clip) for clip in clips]
+        if cache is None and len(set(keys)) == len(keys):
+            return self._run_feature_extractor(clips)
+        settings = self.feature_extractor.to_json_string() if cache is not None else ""
+        found: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        missing: dict[bytes, int] = {}
+        for index, key in enumerate(keys):
+            if key in found or key in missing:
+                continue
+            hit = cache.get((settings, key)) if cache is not None else None
+            if hit is None:
+                missing[key] = index
+            else:
+                found[key] = hit
+        if missing:
+            features, mask = self._run_feature_extractor([clips[i] for i in missing.values()])
+            for row, key in enumerate(missing):
+                found[key] = (features[row], mask[row])
+                if cache is not None:
+                    cache.put((settings, key), features[row], mask[row])
+        return torch.stack([found[k][0] for k in keys]), torch.stack([found[k][1] for k in keys])
+
+    def _run_feature_extractor(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.feature_extractor(
-            list(clips),
+            clips,
             sampling_rate=SAMPLING_RATE,
             return_tensors="pt",
             return_attention_mask=True,
             padding="max_length",
         )
         return out["input_features"].to(torch.float32), out["attention_mask"].to(torch.long)
+
+    def shared_clips(
+        self, input_features: torch.Tensor | None, feature_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`unique_clips` of a batch's audio when the encoder may run once per distinct clip
+        (:attr:`share_clip_encoding` on, autograd off, some clip repeated); else ``None``."""
+        if input_features is None or not self.share_clip_encoding or torch.is_grad_enabled():
+            return None
+        return unique_clips(input_features, feature_attention_mask)
 
     def _check_silence_seconds(self, seconds: object) -> int:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
@@ -1059,6 +1148,7 @@ __all__ = [
     "noise_features",
     "position_ids_from_mask",
     "resolve_audio_mode",
+    "unique_clips",
     "whisper_feature_extractor",
     "WhisperAudioSpeechLM",
 ]

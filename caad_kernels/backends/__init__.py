@@ -44,6 +44,17 @@ fused-linear op (which calls them on one chunk of freshly computed logits at a t
     (optional) Both in one pass for callers that know the coefficients in advance (the
     fused-linear op); returns what ``forward_rows`` returns.
 
+All three take the keyword ``col_limit=None``: an integer (int32 or int64) ``[rows]`` tensor of
+per-row column limits. Row ``r`` then reads only the columns ``[0, min(col_limit[r], V))`` of
+every path: the columns at or past its limit are never read (they may hold anything), count as
+``-inf`` logits in every path (probability 0 for teacher and student) and get a zero gradient; a
+label must lie below the limit (else the label flag); a row whose limit is ``<= 0`` has no column
+and is ignored like an ``ignore_index`` row (kd = ce = 0, flags 0, zero gradient). So a row with
+limit ``L`` gives exactly what the same row cut to its first ``L`` columns gives. Causal attention
+is ``col_limit[i] = i + 1`` (:mod:`caad_kernels.attention_kd`). Absent (``None``), every row spans
+the vocabulary and the kernels run as before (a compile-time branch in Triton, one comparison per
+row in C++).
+
 Conventions every backend honours: the transforms ``s = softcap(student_scale * x)`` and
 ``z = softcap(teacher_scale * z)`` per teacher path with ``softcap(-inf) = -inf``;
 ``z_hat = z_pos + alpha * (z_pos - z_neg)`` (better conditioned than ``(1 + alpha) z_pos - alpha z_neg``

@@ -72,9 +72,15 @@ def cache_root() -> Path:
 
 
 def build_key() -> str:
-    """Hex digest over everything that changes the binary: sources, torch, Python ABI, compiler, flags."""
+    """Hex digest over everything that changes the binary or its build commands: sources, their directory,
+    torch, Python ABI, compiler, flags.
+
+    The directory is part of the build commands (source path, ``-I``): two checkouts with the same sources
+    sharing one cache directory would make ninja rebuild, in turn, under each other's feet.
+    """
     digest = hashlib.sha256()
     directory = source_directory()
+    digest.update(str(directory.resolve()).encode() + b"\0")
     for path in sorted(directory.glob("contrastive_kd*")):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode())
@@ -177,7 +183,7 @@ def _check_inputs(*views: RowView | None) -> None:
             )
 
 
-def _job_args(params: RowParams, alpha_rows: torch.Tensor | None) -> dict[str, object]:
+def _job_args(params: RowParams, alpha_rows: torch.Tensor | None, col_limit: torch.Tensor | None) -> dict[str, object]:
     """Keyword arguments shared by the three entry points (see ``csrc/contrastive_kd.cpp``)."""
     cutoff = params.log_plausibility is not None
     if params.per_row_alpha and alpha_rows is None:
@@ -194,6 +200,7 @@ def _job_args(params: RowParams, alpha_rows: torch.Tensor | None) -> dict[str, o
     ]
     return dict(
         alpha_rows=alpha_rows.float().contiguous() if params.per_row_alpha else None,
+        col_limit=None if col_limit is None else col_limit.to(torch.int64).contiguous(),
         scalars=scalars,
         cutoff=cutoff,
         has_ce=bool(params.has_labels),
@@ -210,9 +217,12 @@ def forward_rows(
     params: RowParams,
     *,
     alpha_rows: torch.Tensor | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kd, ce, stats, flags)``: float32 ``[rows]``, ``[rows]``, ``[rows, 5]``, int32 ``[rows]`` (contract in
-    ``backends``). Rows whose label is ``ignore_index`` have ``kd = ce = 0``, all-zero ``stats`` and flags 0.
+    ``backends``). Rows whose label is ``ignore_index`` (or whose ``col_limit`` is <= 0) have ``kd = ce = 0``,
+    all-zero ``stats`` and flags 0; with ``col_limit`` (int ``[rows]``) row ``r`` reads only its first
+    ``col_limit[r]`` columns.
     """
     ext = load_extension()
     negative = negative if params.has_negative else None
@@ -222,7 +232,7 @@ def forward_rows(
         teacher.data,
         None if negative is None else negative.data,
         labels,
-        **_job_args(params, alpha_rows),
+        **_job_args(params, alpha_rows, col_limit),
     )
     return kd, ce, stats, flags
 
@@ -239,6 +249,7 @@ def backward_rows(
     grad: torch.Tensor,
     *,
     alpha_rows: torch.Tensor | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> None:
     """Write ``coef_kd * d kd/d x + coef_ce * d ce/d x`` into ``grad`` (``[rows, V]``, unit column stride, the
     student's dtype; it may be the student itself)."""
@@ -256,7 +267,7 @@ def backward_rows(
         coef_kd=coef_kd.float().contiguous(),
         coef_ce=coef_ce.float().contiguous(),
         grad=grad,
-        **_job_args(params, alpha_rows),
+        **_job_args(params, alpha_rows, col_limit),
     )
 
 
@@ -271,6 +282,7 @@ def loss_and_grad_rows(
     grad: torch.Tensor,
     *,
     alpha_rows: torch.Tensor | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward_rows` and :func:`backward_rows` in one pass, for coefficients known in advance.
 
@@ -293,6 +305,6 @@ def loss_and_grad_rows(
         coef_kd=coef_kd.float().contiguous(),
         coef_ce=coef_ce.float().contiguous(),
         grad=grad,
-        **_job_args(params, alpha_rows),
+        **_job_args(params, alpha_rows, col_limit),
     )
     return kd, ce, stats, flags

@@ -70,6 +70,23 @@ def _chunk(
     return s, t, n
 
 
+def _limits(col_limit: torch.Tensor | None, start: int, stop: int, vocab: int, device: torch.device):
+    """``(limit, visible)`` of rows ``[start, stop)``: int64 ``[rows]`` limits clamped to ``[0, V]`` and the
+    bool ``[rows, V]`` mask of the columns below them; ``(None, None)`` without a column limit."""
+    if col_limit is None:
+        return None, None
+    limit = col_limit[start:stop].to(device=device, dtype=torch.int64).clamp(0, vocab)
+    visible = torch.arange(vocab, device=device).unsqueeze(0) < limit.unsqueeze(1)
+    return limit, visible
+
+
+def _hide(x: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` with the columns at or past the row's limit set to ``-inf`` (so they are never used)."""
+    if x is None or visible is None:
+        return x
+    return x.masked_fill(~visible, float("-inf"))
+
+
 def _alpha(alpha_rows: torch.Tensor | None, params: RowParams, start: int, stop: int, dtype: torch.dtype):
     if params.per_row_alpha:
         if alpha_rows is None:
@@ -78,8 +95,9 @@ def _alpha(alpha_rows: torch.Tensor | None, params: RowParams, start: int, stop:
     return params.alpha
 
 
-def _row_flags(s_raw, z_pos, z_neg, y, valid, params: RowParams) -> torch.Tensor:
-    """The contract's flag bits of each row (see ``caad_kernels.validation``)."""
+def _row_flags(s_raw, z_pos, z_neg, y, valid, params: RowParams, limit=None) -> torch.Tensor:
+    """The contract's flag bits of each row (see ``caad_kernels.validation``); with a column ``limit`` a label
+    must lie below the row's limit."""
     inf = float("inf")
     flags = torch.where((~(s_raw < inf)).any(-1), FLAG_STUDENT, 0)
     flags = flags | torch.where((~(z_pos < inf)).any(-1), FLAG_TEACHER, 0)
@@ -87,7 +105,7 @@ def _row_flags(s_raw, z_pos, z_neg, y, valid, params: RowParams) -> torch.Tensor
         bad_neg = ~(z_neg < inf) | (torch.isneginf(z_neg) & ~torch.isneginf(z_pos))
         flags = flags | torch.where(bad_neg.any(-1), FLAG_NEGATIVE, 0)
     if params.has_labels and y is not None:
-        out_of_range = (y < 0) | (y >= params.vocab_size)
+        out_of_range = (y < 0) | (y >= (params.vocab_size if limit is None else limit))
         flags = flags | torch.where(out_of_range, FLAG_LABEL, 0)
     return torch.where(valid, flags, 0).to(torch.int32)
 
@@ -100,6 +118,7 @@ def forward_rows(
     params: RowParams,
     *,
     alpha_rows: torch.Tensor | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, vocab = student.rows, params.vocab_size
     device = student.data.device
@@ -112,6 +131,8 @@ def forward_rows(
     negative = negative if params.has_negative else None
     for start, stop in student.chunks(_rows_per_chunk(vocab)):
         s_raw, t_raw, n_raw = _chunk(student, teacher, negative, start, stop, vocab)
+        limit, visible = _limits(col_limit, start, stop, vocab, device)
+        s_raw, t_raw, n_raw = _hide(s_raw, visible), _hide(t_raw, visible), _hide(n_raw, visible)
         s = transform(s_raw.to(dtype), params.student_scale, params.student_softcap)
         a, zmax = _teacher_terms(t_raw, n_raw, _alpha(alpha_rows, params, start, stop, dtype), params, dtype)
         b = s * params.inv_temperature
@@ -143,7 +164,9 @@ def forward_rows(
                 safe = torch.where(valid & (y >= 0) & (y < vocab), y, torch.zeros_like(y))
                 picked = s.gather(1, safe.unsqueeze(1)).squeeze(1)
                 ce_chunk = lse_s - picked
-        row_flags = _row_flags(s_raw, t_raw, n_raw, y, valid, params)
+        if limit is not None:
+            valid = valid & (limit > 0)  # a row with no visible column is ignored
+        row_flags = _row_flags(s_raw, t_raw, n_raw, y, valid, params, limit)
         bad = row_flags != 0
         nan = torch.full((), float("nan"), dtype=dtype, device=device)
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -167,6 +190,7 @@ def backward_rows(
     grad: torch.Tensor,
     *,
     alpha_rows: torch.Tensor | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> None:
     vocab = params.vocab_size
     dtype = _compute_dtype(student.data, teacher.data)
@@ -175,6 +199,8 @@ def backward_rows(
     capped = params.student_softcap is not None
     for start, stop in student.chunks(_rows_per_chunk(vocab)):
         s_raw, t_raw, n_raw = _chunk(student, teacher, negative, start, stop, vocab)
+        limit, visible = _limits(col_limit, start, stop, vocab, s_raw.device)
+        s_raw, t_raw, n_raw = _hide(s_raw, visible), _hide(t_raw, visible), _hide(n_raw, visible)
         s = transform(s_raw.to(dtype), params.student_scale, params.student_softcap)
         lse_a, lse_b, lse_s, kl_aux = (stats[start:stop, i].to(dtype).unsqueeze(1) for i in range(4))
         a, _ = _teacher_terms(t_raw, n_raw, _alpha(alpha_rows, params, start, stop, dtype), params, dtype)
@@ -202,11 +228,13 @@ def backward_rows(
             if params.has_labels:
                 c_ce = coef_ce[start:stop].to(dtype).unsqueeze(1)
                 d_ce = (s - lse_s).exp()
-                in_range = valid.squeeze(1) & (y >= 0) & (y < vocab)
+                in_range = valid.squeeze(1) & (y >= 0) & (y < (vocab if limit is None else limit))
                 d_ce.scatter_add_(1, torch.where(in_range, y, torch.zeros_like(y)).unsqueeze(1),
                                   -in_range.to(dtype).unsqueeze(1))
                 g = g + torch.where(c_ce != 0, c_ce * d_ce, zero)
         g = _chain_student(g, s, params, capped)
+        if visible is not None:
+            valid = valid & visible  # hidden columns (and rows with no visible column) get exactly 0
         grad[start:stop] = torch.where(valid, g, zero).to(grad.dtype)
 
 

@@ -269,8 +269,9 @@ def _grad_sweep(
 ):
     """``grad = c_kd * dkd/dx + c_ce * dce/dx`` for one row: load a tile, store the same tile.
 
-    ``n_cols`` is ``V`` for a valid row, 0 for an ignored one, whose ``V`` columns only get zeros
-    (nothing is loaded). The logsumexps come split as ``lse = m + log_sum``:
+    ``n_cols`` is the number of columns the row reads: ``V`` for a valid row (its column limit when
+    one is given), 0 for an ignored one; the columns ``[n_cols, V)`` only get zeros (nothing is
+    loaded there). The logsumexps come split as ``lse = m + log_sum``:
     ``log p = (a - m_a) - log_sum_a`` keeps the precision of a shifted log-softmax when the logits
     are large (``a - lse_a`` would lose ``ulp(lse_a)``). ``backward_rows`` only has ``lse`` and
     passes ``(lse, 0)``.
@@ -297,17 +298,17 @@ def _grad_sweep(
     for start in range(n_full, n_cols, BLOCK_V):
         cols = start + lanes
         s, a, _ = _load_tile(
-            s_ptr, t_ptr, n_ptr, s_off, t_off, n_off, cols, V, alpha, inv_tau, threshold,
+            s_ptr, t_ptr, n_ptr, s_off, t_off, n_off, cols, n_cols, alpha, inv_tau, threshold,
             s_scale, t_scale, s_cap, t_cap, True, HAS_NEGATIVE, HAS_CUTOFF, S_CAP, T_CAP,
         )  # fmt: skip
         g = _grad_tile(
             s, a, cols, y, valid, m_a, log_sum_a, m_b, log_sum_b, m_s, log_sum_s, kl_aux, kd_on, ce_on, c_kd_tau,
             c_ce, inv_tau, beta, log_beta, log_one_minus_beta, s_scale, s_cap, HAS_CE, DIVERGENCE, S_CAP,
         )  # fmt: skip
-        tl.store(grad_ptr + g_off + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
-    # an ignored row: zeros, without reading it
+        tl.store(grad_ptr + g_off + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+    # an ignored row, and the columns past a row's limit: zeros, without reading them
     zeros = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-    for start in range(0, V - n_cols, BLOCK_V):
+    for start in range(n_cols, V, BLOCK_V):
         cols = start + lanes
         tl.store(grad_ptr + g_off + cols, zeros, mask=cols < V)
 
@@ -319,6 +320,7 @@ def _forward_kernel(
     n_ptr,
     labels_ptr,
     alpha_ptr,
+    limit_ptr,
     kd_ptr,
     ce_ptr,
     stats_ptr,
@@ -353,6 +355,7 @@ def _forward_kernel(
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     PER_ROW_ALPHA: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
     DIVERGENCE: tl.constexpr,
@@ -366,13 +369,22 @@ def _forward_kernel(
     t_off = _row_offset(row, t_T, t_stride_b, t_stride_t)
     n_off = _row_offset(row, n_T, n_stride_b, n_stride_t)
     lanes = tl.arange(0, BLOCK_V)
+    if HAS_LIMIT:
+        # the row reads columns [0, V_row); a row with no column is ignored
+        V_row = tl.minimum(tl.maximum(tl.load(limit_ptr + row), 0), V)
+    else:
+        V_row = V
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
         valid = y != ignore_index
-        n_cols = tl.where(valid, V, 0)  # an ignored row is never read: every sweep has 0 trips
     else:
         y = -1
         valid = True
+    if HAS_LIMIT:
+        valid = valid & (V_row > 0)
+    if HAS_LABELS or HAS_LIMIT:
+        n_cols = tl.where(valid, V_row, 0)  # an ignored row is never read: every sweep has 0 trips
+    else:
         n_cols = V
     n_full = (n_cols // BLOCK_V) * BLOCK_V
     if PER_ROW_ALPHA:
@@ -383,7 +395,7 @@ def _forward_kernel(
         zmax_lanes = tl.full([BLOCK_V], float("-inf"), tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + lanes
-            z_pos = tl.load(t_ptr + t_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            z_pos = tl.load(t_ptr + t_off + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
             zmax_lanes = tl.maximum(zmax_lanes, z_pos)
         zmax = _softcap(tl.max(zmax_lanes, axis=0), t_scale, t_cap, T_CAP)
         threshold = zmax + log_plausibility
@@ -411,10 +423,10 @@ def _forward_kernel(
         )
     for start in range(n_full, n_cols, BLOCK_V):
         s, a, bad = _load_tile(
-            s_ptr, t_ptr, n_ptr, s_off, t_off, n_off, start + lanes, V, alpha, inv_tau, threshold,
+            s_ptr, t_ptr, n_ptr, s_off, t_off, n_off, start + lanes, n_cols, alpha, inv_tau, threshold,
             s_scale, t_scale, s_cap, t_cap, True, HAS_NEGATIVE, HAS_CUTOFF, S_CAP, T_CAP,
         )  # fmt: skip
-        bad_lanes = bad_lanes | tl.where(start + lanes < V, bad, 0)
+        bad_lanes = bad_lanes | tl.where(start + lanes < n_cols, bad, 0)
         m_a, m_b, m_s, sum_a, sum_b, sum_s, w = _main_tile(
             s, a, m_a, m_b, m_s, sum_a, sum_b, sum_s, w, inv_tau, DIVERGENCE, TAU_IS_ONE
         )
@@ -450,7 +462,7 @@ def _forward_kernel(
             kl_qm_lanes += qm
         for start in range(n_full, n_cols, BLOCK_V):
             s, a, _ = _load_tile(
-                s_ptr, t_ptr, n_ptr, s_off, t_off, n_off, start + lanes, V, alpha, inv_tau, threshold,
+                s_ptr, t_ptr, n_ptr, s_off, t_off, n_off, start + lanes, n_cols, alpha, inv_tau, threshold,
                 s_scale, t_scale, s_cap, t_cap, True, HAS_NEGATIVE, HAS_CUTOFF, S_CAP, T_CAP,
             )  # fmt: skip
             pm, qm = _mixture_tile(s, a, base_a, log_sum_a, base_b, log_sum_b, inv_tau, log_beta, log_one_minus_beta)
@@ -460,7 +472,7 @@ def _forward_kernel(
         kd = beta * tl.sum(kl_pm_lanes, axis=0) + (1.0 - beta) * kl_aux
 
     if HAS_CE:
-        in_range = valid & (y >= 0) & (y < V)
+        in_range = valid & (y >= 0) & (y < V_row)
         flags = flags | tl.where(valid & ~in_range, 8, 0)
         x_y = tl.load(s_ptr + s_off + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32)
         ce = (m_s - _softcap(x_y, s_scale, s_cap, S_CAP)) + log_sum_s
@@ -506,6 +518,7 @@ def _backward_kernel(
     n_ptr,
     labels_ptr,
     alpha_ptr,
+    limit_ptr,
     stats_ptr,
     coef_kd_ptr,
     coef_ce_ptr,
@@ -537,6 +550,7 @@ def _backward_kernel(
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     PER_ROW_ALPHA: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
     DIVERGENCE: tl.constexpr,
@@ -554,13 +568,21 @@ def _backward_kernel(
     kl_aux = tl.load(stats_row + 3)
     threshold = tl.load(stats_row + 4) + log_plausibility
     c_kd = tl.load(coef_kd_ptr + row)
+    if HAS_LIMIT:
+        V_row = tl.minimum(tl.maximum(tl.load(limit_ptr + row), 0), V)
+    else:
+        V_row = V
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
         valid = y != ignore_index
-        n_cols = tl.where(valid, V, 0)
     else:
         y = -1
         valid = True
+    if HAS_LIMIT:
+        valid = valid & (V_row > 0)
+    if HAS_LABELS or HAS_LIMIT:
+        n_cols = tl.where(valid, V_row, 0)
+    else:
         n_cols = V
     if HAS_CE:
         c_ce = tl.load(coef_ce_ptr + row)
@@ -675,6 +697,16 @@ def _check_grad(grad: torch.Tensor, rows: int, vocab: int) -> None:
         raise ValueError(f"grad must be a [rows, V] = [{rows}, {vocab}] tensor with unit column stride")
 
 
+def _limit_arg(col_limit: torch.Tensor | None, rows: int, device: torch.device, fallback: torch.Tensor) -> torch.Tensor:
+    """The int64 ``[rows]`` column limits on ``device`` (``fallback``, never read, without them)."""
+    if col_limit is None:
+        return fallback
+    if col_limit.numel() != rows or col_limit.dtype.is_floating_point or col_limit.dtype == torch.bool:
+        raise ValueError(f"col_limit must be an integer tensor of {rows} elements (one per row), got "
+                         f"{col_limit.dtype} with {col_limit.numel()} elements")
+    return col_limit.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
+
+
 def _alpha_arg(alpha_rows: torch.Tensor | None, params: RowParams, fallback: torch.Tensor) -> torch.Tensor:
     if not params.per_row_alpha:
         return fallback
@@ -694,6 +726,7 @@ def _run_forward(
     grad: torch.Tensor | None,
     block_v: int | None,
     alpha_rows: torch.Tensor | None,
+    col_limit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_device(student)
     rows, vocab = student.rows, params.vocab_size
@@ -720,6 +753,7 @@ def _run_forward(
             neg_data,
             labels_arg,
             _alpha_arg(alpha_rows, params, kd),
+            _limit_arg(col_limit, rows, device, flags),
             kd,
             ce,
             stats,
@@ -732,6 +766,7 @@ def _run_forward(
             *scalars,
             **flag_args,
             HAS_LABELS=labels is not None,
+            HAS_LIMIT=col_limit is not None,
             TAU_IS_ONE=params.inv_temperature == 1.0,
             WRITE_GRAD=write_grad,
             BLOCK_V=tile,
@@ -749,6 +784,7 @@ def forward_rows(
     *,
     alpha_rows: torch.Tensor | None = None,
     block_v: int | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row divergence, CE, statistics and flags.
 
@@ -759,11 +795,13 @@ def forward_rows(
         params: the row parameters.
         alpha_rows: float32 ``[rows]`` when ``params.per_row_alpha``.
         block_v: optional tile width (a power of two) instead of the automatic choice.
+        col_limit: optional integer ``[rows]``: row ``r`` reads only columns ``[0, col_limit[r])``
+            (the contract in ``caad_kernels.backends``).
 
     Returns:
         ``(kd, ce, stats, flags)``: float32 ``[rows]``, ``[rows]``, ``[rows, 5]``, int32 ``[rows]``.
     """
-    return _run_forward(student, teacher, negative, labels, params, None, None, None, block_v, alpha_rows)
+    return _run_forward(student, teacher, negative, labels, params, None, None, None, block_v, alpha_rows, col_limit)
 
 
 def loss_and_grad_rows(
@@ -778,6 +816,7 @@ def loss_and_grad_rows(
     *,
     alpha_rows: torch.Tensor | None = None,
     block_v: int | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward_rows` and :func:`backward_rows` in one launch, for coefficients known in advance.
 
@@ -786,7 +825,9 @@ def loss_and_grad_rows(
     logits: every row is read in full before its gradient sweep, which reads each tile before
     overwriting it. Returns ``(kd, ce, stats, flags)`` exactly as :func:`forward_rows`.
     """
-    return _run_forward(student, teacher, negative, labels, params, coef_kd, coef_ce, grad, block_v, alpha_rows)
+    return _run_forward(
+        student, teacher, negative, labels, params, coef_kd, coef_ce, grad, block_v, alpha_rows, col_limit
+    )
 
 
 def backward_rows(
@@ -802,6 +843,7 @@ def backward_rows(
     *,
     alpha_rows: torch.Tensor | None = None,
     block_v: int | None = None,
+    col_limit: torch.Tensor | None = None,
 ) -> None:
     """Write ``grad[i, v] = coef_kd[i] * dkd_i/dx_iv + coef_ce[i] * dce_i/dx_iv``.
 
@@ -832,6 +874,7 @@ def backward_rows(
             neg_data,
             labels_arg,
             _alpha_arg(alpha_rows, params, coef_kd),
+            _limit_arg(col_limit, rows, device, labels_arg),
             stats,
             coef_kd,
             coef_ce,
@@ -841,6 +884,7 @@ def backward_rows(
             *scalars,
             **flag_args,
             HAS_LABELS=labels is not None,
+            HAS_LIMIT=col_limit is not None,
             BLOCK_V=tile,
             num_warps=num_warps,
         )

@@ -34,7 +34,8 @@ Correctness under data parallelism and gradient accumulation, the two things an 
   divided again by the accumulation steps. So the gradient of one optimizer step is that of the
   mean over every valid token of the global batch, whatever the split over ranks and
   micro-batches. Without labels the loss is a per-micro-batch mean and transformers' default
-  scaling applies. ``num_items_in_batch == 0`` (no valid token anywhere) gives a zero loss.
+  scaling applies. ``num_items_in_batch == 0`` (no valid token anywhere) gives a zero loss and
+  zero gradients (the op's own definition).
 
 The fused form reads the models' final-logit transforms from their configs
 (:mod:`caad_kernels.integrations.model_config`: Cohere's ``logit_scale``, Granite's
@@ -43,10 +44,11 @@ LoRA adapter on the ``lm_head`` into the weight or refuses it clearly
 (:mod:`caad_kernels.integrations.lm_head`). The logits form (``fused=False``) runs the models
 normally and needs neither (their logits carry the transforms and the adapters).
 
-Mixed precision: the backbones run under the accelerator's autocast (as the models' own forwards
-would); the fused loss then runs with autocast off, on the hidden states and weights cast to the
-autocast dtype (what autocast does to an ``nn.Linear``), or, without autocast, on the hidden
-states cast to the weight's dtype when they differ.
+Mixed precision: the backbones and the fused loss run under the accelerator's autocast (as the
+models' own forwards would); the loss's GEMMs then run in the autocast dtype, as for an
+``nn.Linear``, and the weight gradient is summed in float32 and returned in the weight's dtype
+(the op's dtype rules: ``caad_kernels.fused_linear``). Without autocast the op runs each GEMM in
+its weight's dtype.
 
 Hooks for models that do not fit the defaults (override them in a subclass):
 :meth:`ContrastiveKDMixin.student_hidden_states`, :meth:`ContrastiveKDMixin.teacher_hidden_states`
@@ -119,29 +121,6 @@ def final_hidden_states(model: torch.nn.Module, inputs: Batch) -> torch.Tensor:
     if hidden is None:
         hidden = output[0]
     return hidden
-
-
-def _device_type(tensor: torch.Tensor) -> str:
-    return tensor.device.type
-
-
-def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """Cast for the fused op: the autocast dtype when autocast is on, else the weight's."""
-    device_type = _device_type(hidden)
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
-    cast = lambda t: None if t is None else (t if t.dtype == dtype else t.to(dtype))  # noqa: E731
-    return cast(hidden), cast(weight), cast(bias)
-
-
-def _clamped_items(num_items_in_batch: Any) -> Any:
-    if num_items_in_batch is None:
-        return None
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch.detach().clamp(min=1)
-    return max(num_items_in_batch, 1)
 
 
 def _check_loss_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -283,7 +262,7 @@ class ContrastiveKDMixin:
 
     def _fused_loss(self, student: torch.nn.Module, inputs: Batch, num_items_in_batch: Any) -> KDLossOutput:
         student_batch = self.student_inputs(inputs) if self.student_inputs else self.model_inputs(inputs)
-        with self._autocast():
+        with self._autocast():  # the backbones and the loss's GEMMs in the autocast dtype, as the models would
             hidden = self.student_hidden_states(student, student_batch)
             teacher_hidden, negative_hidden = self._teacher_paths(inputs, self.teacher_hidden_states)
             rows, labels, mask = self._rows(inputs, hidden.shape[1])
@@ -291,15 +270,12 @@ class ContrastiveKDMixin:
             student_core = core_model(student)
             weight, bias = output_projection(student_core.get_output_embeddings())
             teacher_weight, teacher_bias = output_projection(teacher.get_output_embeddings())
-            h, weight, bias = _common_dtype(hidden[:, rows], weight, bias)
-            t, teacher_weight, teacher_bias = _common_dtype(teacher_hidden[:, rows], teacher_weight, teacher_bias)
-            n = None if negative_hidden is None else negative_hidden[:, rows].to(t.dtype)
-        options = {**logit_transform(student_core.config).as_student(),
-                   **logit_transform(teacher.config).as_teacher(), **self.loss_options}
-        with torch.autocast(_device_type(h), enabled=False):
+            options = {**logit_transform(student_core.config).as_student(),
+                       **logit_transform(teacher.config).as_teacher(), **self.loss_options}
             return fused_linear_contrastive_kd_loss(
-                h, weight, t, teacher_weight, n, student_bias=bias, teacher_bias=teacher_bias,
-                chunk_size=self.chunk_size, num_items_in_batch=_clamped_items(num_items_in_batch),
+                hidden[:, rows], weight, teacher_hidden[:, rows], teacher_weight,
+                None if negative_hidden is None else negative_hidden[:, rows], student_bias=bias,
+                teacher_bias=teacher_bias, chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
                 return_components=True, **self._label_args(labels, mask), **options,
             )
 
@@ -311,7 +287,7 @@ class ContrastiveKDMixin:
         return contrastive_kd_loss(
             logits[:, rows], teacher_logits[:, rows],
             None if negative_logits is None else negative_logits[:, rows],
-            num_items_in_batch=_clamped_items(num_items_in_batch), return_components=True,
+            num_items_in_batch=num_items_in_batch, return_components=True,
             **self._label_args(labels, mask), **self.loss_options,
         )
 

@@ -28,7 +28,7 @@ number of valid rows (by ``student_logits.size(0)`` without labels), ``"sum"``, 
 the number of elements (valid rows x vocabulary); ``num_items_in_batch`` overrides the reduction
 with ``sum / num_items_in_batch``. Differences: ``reduction="none"`` (a ``[rows, V]`` tensor in
 TRL) raises, as per-vocabulary terms are exactly what the kernels never form; an empty
-denominator gives 0 where TRL's ``"mean"`` gives NaN; the teacher's vocabulary may be larger
+denominator (and ``num_items_in_batch=0``) gives 0 where TRL gives NaN; the teacher's vocabulary may be larger
 than the student's (extra columns dropped) where TRL refuses; ``DistillationTrainer``'s logged
 ``entropy`` is NaN unless ``use_caad_loss(trainer, log_entropy=True)`` (one more student GEMM,
 without gradients).
@@ -48,7 +48,6 @@ from typing import Any
 import torch
 
 from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
-from caad_kernels.options import FLOAT_DTYPES
 
 TRL_IGNORE_INDEX = -100
 GKD_REDUCTIONS = ("batchmean", "sum", "mean")
@@ -100,13 +99,12 @@ def generalized_jsd_loss(
             "values)"
         )
     mask = None if labels is None else labels != TRL_IGNORE_INDEX
-    total = contrastive_kd_loss(
-        student_logits, teacher_logits, None, None, alpha=0.0, temperature=temperature, beta=beta,
-        temperature_scaling=temperature_scaling, reduction="sum", backend=backend, check_finite=check_finite,
-        mask=mask,
-    )
-    if num_items_in_batch is not None:
-        return _divide(total, num_items_in_batch)
+    options = dict(alpha=0.0, temperature=temperature, beta=beta, temperature_scaling=temperature_scaling,
+                   backend=backend, check_finite=check_finite, mask=mask)
+    if num_items_in_batch is not None:  # sum / num_items_in_batch; 0 items give 0 (TRL: NaN)
+        return contrastive_kd_loss(student_logits, teacher_logits, None, None, reduction="mean",
+                                   num_items_in_batch=num_items_in_batch, **options)
+    total = contrastive_kd_loss(student_logits, teacher_logits, None, None, reduction="sum", **options)
     if reduction == "sum":
         return total
     if mask is not None:
@@ -169,8 +167,10 @@ def chunked_divergence_loss(
     Args:
         student_hidden_states, teacher_hidden_states: ``[B, K, H_s]`` / ``[B, K, H_t]``, aligned.
         student_lm_head_weight, teacher_lm_head_weight: ``[V, H_s]`` / ``[V_t, H_t]``, ``V_t >= V``;
-            a DTensor (FSDP2) is gathered with ``full_tensor()``; a weight whose dtype differs
-            from its hidden states is cast to theirs (as TRL does under mixed precision).
+            a DTensor (FSDP2) is gathered with ``full_tensor()``. A weight whose dtype differs from
+            its hidden states is not copied: under autocast the GEMM runs in the autocast dtype
+            (TRL's case under mixed precision: the same), otherwise in the weight's dtype (TRL casts
+            the weight to the hidden states' dtype instead).
         completion_mask: ``[B, K]``, nonzero marks a row in the loss.
         beta, temperature, num_items_in_batch, the biases, scales and softcaps: as in TRL.
         temperature_scaling, chunk_size, backend: ours (TRL: no ``temperature**2``).
@@ -184,24 +184,17 @@ def chunked_divergence_loss(
     """
     mask = completion_mask != 0
     n_valid = mask.sum()
-    weights = []
-    for hidden, weight, bias in ((student_hidden_states, student_lm_head_weight, student_lm_head_bias),
-                                 (teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias)):
-        weight, bias = _full_tensor(weight), _full_tensor(bias)
-        if weight.dtype != hidden.dtype and hidden.dtype in FLOAT_DTYPES:
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
-        weights.append((weight, bias))
-    (student_weight, student_bias), (teacher_weight, teacher_bias) = weights
-    total = fused_linear_contrastive_kd_loss(
+    student_weight, student_bias = _full_tensor(student_lm_head_weight), _full_tensor(student_lm_head_bias)
+    teacher_weight, teacher_bias = _full_tensor(teacher_lm_head_weight), _full_tensor(teacher_lm_head_bias)
+    # mean over the valid rows, or sum / num_items_in_batch (0 items: 0); mixed dtypes and autocast are the op's
+    loss = fused_linear_contrastive_kd_loss(
         student_hidden_states, student_weight, teacher_hidden_states, teacher_weight, None, None,
         student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size, alpha=0.0,
-        temperature=temperature, beta=beta, temperature_scaling=temperature_scaling, reduction="sum",
-        mask=mask, backend=backend, student_logit_scale=student_logit_scale,
+        temperature=temperature, beta=beta, temperature_scaling=temperature_scaling, reduction="mean",
+        num_items_in_batch=num_items_in_batch, mask=mask, backend=backend, student_logit_scale=student_logit_scale,
         teacher_logit_scale=teacher_logit_scale, student_softcap=student_final_logit_softcapping,
         teacher_softcap=teacher_final_logit_softcapping,
     )
-    loss = _divide(total, n_valid if num_items_in_batch is None else num_items_in_batch)
     if log_entropy:
         entropy_sum = _student_entropy_sum(student_hidden_states, student_weight, student_bias, mask, temperature,
                                            student_logit_scale, student_final_logit_softcapping, backend)

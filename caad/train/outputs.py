@@ -52,9 +52,7 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, resume: b
     )
 
 
-def prepare_output_dir(
-    path: str | os.PathLike[str], *, overwrite: bool, resume: bool, key: str, kind: str
-) -> str:
+def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool, resume: bool, key: str, kind: str) -> str:
     """Create (or clear, or keep for resuming) ``path`` and write its marker; returns the action taken."""
     path = Path(path)
     action = check_output_dir(path, overwrite=overwrite, resume=resume, key=key)

@@ -1,28 +1,28 @@
-"""Stage 2 data: pseudo-GT examples, the deterministic data order, and the model inputs of one step.
+"""CAAD's batches: ``prompt + pseudo-GT`` for the student and the teacher's two paths (synchronised
+teacher forcing).
 
-The order is a pure function of ``(seed, epoch)``, and an optimizer step's examples a pure function
-of ``(seed, step, world size, batch size, grad_accum)``: resuming at step ``k`` sees exactly the
-examples an uninterrupted run would. A step takes the next ``batch_size x world_size x grad_accum``
-examples of the epoch's permutation (the last incomplete window of an epoch is dropped); micro-step
-``m`` of rank ``r`` takes ``batch_size`` consecutive examples at offset
-``(m x world_size + r) x batch_size`` of that window. So one process with ``batch_size=4`` and two
-with ``batch_size=2`` see the same examples in the same optimizer step.
+Every example of a Stage 1 manifest has audio, an instruction and a pseudo-GT answer. One micro-batch
+is tokenised once per model: the student's positive path, the teacher's positive path (the real
+audio) and its negative path (the audio hidden: ``negative_mode``). The three sequences share the
+target tokens, so their target hidden states line up row by row (:mod:`caad.models.interface`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from caad.data.audio import load_audio
+from caad.data.checks import load_clip
 from caad.data.manifest import ManifestError, ManifestRow, read_manifest
 from caad.models import IGNORE_INDEX, SAMPLING_RATE, SpeechBatch, SpeechLM
+from caad.models.interface import DEFAULT_SILENCE_SECONDS, HOP_LENGTH
 
-__all__ = ["PseudoGTDataset", "StepBatch", "StepPlan", "build_step_batch"]
+__all__ = ["PseudoGTDataset", "StepBatch", "build_batch", "build_step_batch", "prompt_length"]
 
 
 class PseudoGTDataset:
@@ -45,57 +45,35 @@ class PseudoGTDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __getitem__(self, index: int) -> ManifestRow:
+        return self.rows[index]
+
     def examples(self, indices: list[int]) -> tuple[list[np.ndarray], list[str], list[str]]:
         """``(audio clips at 16 kHz, instructions, pseudo-GT targets)`` of the rows at ``indices``."""
-        rows = [self.rows[i] for i in indices]
-        audio = [load_audio(row.audio_path, SAMPLING_RATE) for row in rows]
-        return audio, [row.instruction for row in rows], [str(row.pseudo_gt) for row in rows]
+        return _examples([self.rows[i] for i in indices])
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """Which examples each optimizer step, micro-step and rank uses (module docstring)."""
+def _examples(
+    rows: Sequence[ManifestRow], max_samples: int | None = None
+) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """Clips (cut to ``max_samples`` when longer, as the Qwen2-Audio processor does), instructions, targets."""
+    audio = [load_clip(row.audio_path, SAMPLING_RATE, max_samples=max_samples)[0] for row in rows]
+    return audio, [row.instruction for row in rows], [str(row.pseudo_gt) for row in rows]
 
-    num_examples: int
-    batch_size: int
-    grad_accum: int
-    world_size: int
-    rank: int
-    seed: int
-    epochs: int
-    max_steps: int | None = None
 
-    @property
-    def global_batch(self) -> int:
-        """Examples per optimizer step, over all ranks and micro-steps."""
-        return self.batch_size * self.world_size * self.grad_accum
+def prompt_length(model: SpeechLM, row: ManifestRow, max_samples: int | None = None) -> int:
+    """Tokens of ``row``'s prompt for ``model``: its prompt format (chat template included) with the audio
+    placeholder expanded to the clip's audio tokens (the clip cut to ``max_samples``); the length is read
+    from the file's header, not decoded."""
+    import soundfile
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_examples // self.global_batch
-
-    @property
-    def total_steps(self) -> int:
-        """Optimizer steps of the run: ``max_steps`` when set, else ``epochs x steps_per_epoch``."""
-        return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
-
-    def order(self, epoch: int) -> list[int]:
-        """The permutation of the examples for ``epoch`` (same on every rank)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's example indices for each micro-step of optimizer step ``step`` (0-based)."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        window = self.order(epoch)[position * self.global_batch : (position + 1) * self.global_batch]
-        out = []
-        for micro in range(self.grad_accum):
-            start = (micro * self.world_size + self.rank) * self.batch_size
-            out.append(window[start : start + self.batch_size])
-        return out
+    info = soundfile.info(str(row.audio_path))
+    samples = int(round(info.frames * SAMPLING_RATE / info.samplerate))
+    limit = model.max_audio_samples if max_samples is None else min(max_samples, model.max_audio_samples)
+    mel_frames = -(-min(samples, limit) // HOP_LENGTH)
+    audio_tokens = int(model.num_audio_tokens(torch.tensor([mel_frames]))[0])
+    text = model.tokenizer(model.format_prompt(row.instruction), add_special_tokens=False)["input_ids"]
+    return len(text) - 1 + audio_tokens
 
 
 @dataclass
@@ -137,13 +115,45 @@ def build_step_batch(
     device: torch.device,
     student_dtype: torch.dtype,
     teacher_dtype: torch.dtype | None = None,
+    silence_seconds: float = DEFAULT_SILENCE_SECONDS,
+    max_samples: int | None = None,
+) -> StepBatch:
+    """:func:`build_batch` on the rows of ``dataset`` at ``indices``."""
+    return build_batch(
+        [dataset[i] for i in indices],
+        student,
+        teacher,
+        negative_mode=negative_mode,
+        noise_seed=noise_seed,
+        device=device,
+        student_dtype=student_dtype,
+        teacher_dtype=teacher_dtype,
+        silence_seconds=silence_seconds,
+        max_samples=max_samples,
+    )
+
+
+def build_batch(
+    rows: Sequence[ManifestRow],
+    student: SpeechLM,
+    teacher: SpeechLM | None,
+    *,
+    negative_mode: str | None,
+    noise_seed: int,
+    device: torch.device,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype | None = None,
+    silence_seconds: float = DEFAULT_SILENCE_SECONDS,
+    max_samples: int | None = None,
 ) -> StepBatch:
     """Tokenize ``prompt + pseudo-GT`` for the student and the teacher's paths, on ``device``.
 
-    ``negative_mode`` ``None`` builds no negative path (plain KD). The teacher's and the student's
-    labels must be the same token sequence (a shared tokenizer), else a ``ValueError``.
+    ``negative_mode`` ``None`` builds no negative path (plain KD); otherwise one of
+    :data:`caad.models.NEGATIVE_MODES` (``silence_seconds``: the ``"silence_fixed_length"`` block).
+    Clips longer than ``max_samples`` are cut to it. The teacher's and the student's labels must be
+    the same token sequence (a shared tokenizer), else a ``ValueError``.
     """
-    audio, instructions, targets = dataset.examples(indices)
+    audio, instructions, targets = _examples(rows, max_samples)
     student_batch = student.build_inputs(audio, instructions, targets)
     positive = negative = None
     if teacher is not None:
@@ -155,7 +165,13 @@ def build_step_batch(
             )
         if negative_mode is not None:
             negative = teacher.negative_inputs(
-                positive, audio, instructions, targets, audio_mode=negative_mode, noise_seed=noise_seed
+                positive,
+                audio,
+                instructions,
+                targets,
+                audio_mode=negative_mode,
+                noise_seed=noise_seed,
+                silence_seconds=silence_seconds,
             )
         positive = _cast_features(positive.to(device), teacher_dtype or student_dtype)
         if negative is not None:

@@ -19,7 +19,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "find_free_port", "init_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "find_free_port",
+    "init_distributed",
+    "shutdown_distributed",
+]
+
+#: Environment variables :func:`init_distributed` set itself (no launcher); removed again at shutdown.
+_OWN_ENV: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -60,15 +72,15 @@ def init_distributed() -> DistInfo:
     import torch.distributed as dist
 
     if "RANK" not in os.environ and not dist.is_initialized():
-        os.environ.update(
-            {
-                "RANK": "0",
-                "WORLD_SIZE": "1",
-                "LOCAL_RANK": "0",
-                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                "MASTER_PORT": os.environ.get("MASTER_PORT", str(find_free_port())),
-            }
-        )
+        own = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": os.environ.get("MASTER_PORT", str(find_free_port())),
+        }
+        _OWN_ENV[:] = [name for name in own if name not in os.environ]
+        os.environ.update(own)
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
@@ -93,6 +105,16 @@ def all_reduce_sum(value: float | int | torch.Tensor, device: torch.device) -> t
     return tensor
 
 
+def all_reduce_max(value: float | int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Maximum of ``value`` over all ranks (float64 tensor on ``device``)."""
+    import torch.distributed as dist
+
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (picklable; no-op without a process group)."""
     import torch.distributed as dist
@@ -110,3 +132,28 @@ def barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Destroy the process group (call once, at the end of a command); ``wait``: barrier first.
+
+    Without it a rank can exit while gloo's threads still serve the group, and rank 0 (which hosts
+    the rendezvous store) can leave before the others have finished with it: the other ranks then
+    abort (``terminate called without an active exception``). ``wait=False`` after an error (the
+    other ranks may never reach a barrier). A later :func:`init_distributed` in the same process
+    starts a fresh group (the variables set here for a launcher-less run are removed).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            if wait:
+                barrier()
+        finally:
+            import deepspeed.comm
+
+            # DeepSpeed's own wrapper also drops the groups it cached (a later group starts clean)
+            deepspeed.comm.destroy_process_group()
+    for name in _OWN_ENV:
+        os.environ.pop(name, None)
+    _OWN_ENV.clear()

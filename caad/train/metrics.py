@@ -70,31 +70,41 @@ def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
-def plot_losses(
-    metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str = "Stage 2"
-) -> Path | None:
-    """Plot total, KD and CE loss (and the learning rate) against the step; ``None`` with no records."""
-    records = [r for r in read_metrics(metrics) if "loss" in r]
-    if not records:
+def plot_losses(metrics: str | os.PathLike[str], out: str | os.PathLike[str], title: str = "training") -> Path | None:
+    """Plot the training loss, its ``*_loss`` components, the validation loss and the LR against the step.
+
+    Validation points (``val_loss``, from records that hold it) are drawn as markers on the same
+    axes. Returns ``None`` when there are no records.
+    """
+    records = read_metrics(metrics)
+    train = [r for r in records if r.get("loss") is not None]
+    validation = [r for r in records if r.get("val_loss") is not None]
+    if not train and not validation:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in records]
-    fig, (ax, ax_lr) = plt.subplots(
-        2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    components = sorted(
+        {k for r in train for k in r if k.endswith("_loss") and k != "loss" and not k.startswith("val_")}
     )
-    for key, label in (("loss", "total"), ("kd_loss", "KD"), ("ce_loss", "CE")):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for key in ("loss", *components):
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if points:
+            label = "train" if key == "loss" else key.removesuffix("_loss").upper()
             ax.plot(*zip(*points), label=label, marker="." if len(points) < 50 else None)
+    if validation:
+        points = [(r["step"], r["val_loss"]) for r in validation]
+        ax.plot(*zip(*points), label="validation", marker="o", linestyle="--", color="black")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in records], color="gray")
+    lr_points = [(r["step"], r["lr"]) for r in train if r.get("lr") is not None]
+    if lr_points:
+        ax_lr.plot(*zip(*lr_points), color="gray")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
