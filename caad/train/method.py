@@ -270,6 +270,12 @@ class Method:
 
     # ---- 2. models ------------------------------------------------------------------------------------
 
+    def student_loader(self) -> Callable[..., nn.Module] | None:
+        """How the trainer loads ``student``: ``loader(path, *, dtype, device)`` (a custom loader gets no
+        other option), or ``None`` (the default) for :func:`caad.models.load_speech_lm` with the config's
+        model-loading options."""
+        return None
+
     def build_teachers(self, ctx: SetupContext) -> None:
         """Load the method's frozen teachers (keep them on ``self``); default: none."""
 

@@ -424,8 +424,12 @@ class Trainer:
         class declares it, its training plan applied (``SpeechLM.prepare_for_training``: LoRA...)."""
         cfg = self.config
         ds_config = deepspeed_config(cfg) if cfg.zero_stage == 3 else None
+        loader = self.method.student_loader()
+        options = self._load_options() if loader is None else {}
         with _loading(self._key("student"), cfg.student):
-            student = load_model(cfg.student, dtype=None, ds_config=ds_config, **self._load_options())
+            student = load_model(
+                cfg.student, dtype=None, ds_config=ds_config, loader=loader or load_speech_lm, **options
+            )
         align_requires_grad(student)
         prepare = getattr(student, "prepare_for_training", None)
         if prepare is not None:
