@@ -202,8 +202,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"| arm | round | new speech ({unit}) | speech accuracy | text accuracy | gap (text - speech) | probe KL |",
         "|---|---|---|---|---|---|---|",
     ]
+    stage1_shown = False
     for arm, rows in report["arms"].items():
         for row in rows:
+            if row["round"] == 0 and stage1_shown:
+                continue  # Stage I is shared by every arm: one row
+            stage1_shown = stage1_shown or row["round"] == 0
             m = row["measures"]
             name = "Stage I" if row["round"] == 0 else arm
             spent = row["spent"]["budget_units"]
