@@ -160,7 +160,7 @@ def run_pipeline(config: CaadConfig) -> RunResult:
     # 0. check every input and the output folder before anything is written
     config.check_run_paths()
     output_dir = Path(expand_output_dir(config.output_dir))
-    check_output_dir(output_dir, overwrite=config.overwrite, resume=False, key="output_dir")
+    check_output_dir(output_dir, overwrite=config.overwrite, resume=False, key="output_dir", resumable=False)
     dist = init_distributed()
     main = dist.is_main
     if main:
@@ -287,6 +287,13 @@ def run_pipeline(config: CaadConfig) -> RunResult:
     )
     result = train_stage2(stage2, name="stage 2 (CAAD)")
     lap("stage2")
+    kd_student: Path | None = None
+    if config.eval.enabled and config.eval.side_by_side:
+        # the baseline CAAD is compared with: the same student, data and settings, alpha = 0
+        kd = dataclasses.replace(stage2, alpha=0.0, output_dir=str(output_dir / "stage2_kd"))
+        _say(f"5/6 stage 2 baseline: standard KD (alpha=0) for the side-by-side -> {kd.output_dir}", main)
+        kd_student = train_stage2(kd, name="stage 2 (KD, alpha=0)").final_model
+        lap("stage2_kd")
 
     # 6. evaluation
     eval_results = eval_table = None
@@ -304,6 +311,7 @@ def run_pipeline(config: CaadConfig) -> RunResult:
                 eval_manifest,
                 output_dir / "eval",
                 stage2,
+                kd_student=None if kd_student is None else str(kd_student),
             )
         barrier()
     lap("eval")
@@ -347,9 +355,18 @@ def _check_source(config: CaadConfig, manifest: Path, main: bool) -> None:
 
 
 def _evaluate(
-    config: CaadConfig, teacher: str, student: str, manifest: Path, out_dir: Path, stage2: Stage2Config
+    config: CaadConfig,
+    teacher: str,
+    student: str,
+    manifest: Path,
+    out_dir: Path,
+    stage2: Stage2Config,
+    kd_student: str | None = None,
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """Teacher greedy, teacher contrastive decoding and student greedy on ``manifest``; the table.
+
+    With ``kd_student`` (``eval.side_by_side``) the standard-KD student is evaluated too, and the
+    table ends with the side-by-side (neutral vs adversarial context, text influence, shift).
 
     The models are loaded as in training (``chat_template`` ...); greedy decoding runs on
     ``eval.audio_mode``; contrastive decoding uses Stage 2's negative path.
@@ -379,6 +396,20 @@ def _evaluate(
         ),
         "student": run_eval(student, str(manifest), str(out_dir), name="student", **greedy),
     }
+    if kd_student is not None:
+        results["student (KD, alpha=0)"] = run_eval(
+            kd_student, str(manifest), str(out_dir), name="student_kd", **greedy
+        )
     table = markdown_table(results)
+    if kd_student is not None:
+        from caad.experiment.side_by_side import side_by_side_table
+
+        rows = {
+            "teacher, greedy": results["teacher"],
+            f"teacher, contrastive (alpha={alpha:g})": results["teacher (contrastive)"],
+            "student, standard KD (alpha=0)": results["student (KD, alpha=0)"],
+            f"student, CAAD (alpha={stage2.alpha:g})": results["student"],
+        }
+        table += "\n\nSide by side:\n\n" + side_by_side_table(rows)
     (out_dir / "results.md").write_text(table, encoding="utf-8")
     return results, table

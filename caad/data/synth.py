@@ -145,7 +145,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(
-            f"{out_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace the corpus in it"
+            f"{out_dir} already exists and is not empty; pass overwrite=True to replace the corpus in it"
         )
     if not (out_dir / CORPUS_INFO_NAME).is_file():
         raise FileExistsError(

@@ -28,6 +28,7 @@ __all__ = ["BUILTIN", "available_methods", "get_method", "method_sections", "reg
 BUILTIN: dict[str, str] = {
     "caad": "caad.methods.caad.method:CAADMethod",
     "caad_alpha": "caad.experiment.alpha_method:AlphaCAADMethod",
+    "caad_topk": "caad.methods.caad_topk.method:CAADTopKMethod",
     "crossmodal": "caad.methods.crossmodal.method:CrossModalMethod",
     "sourcewise": "caad.methods.sourcewise.method:SourceWiseMethod",
     "layerwise": "caad.methods.layerwise.method:LayerWiseMethod",

@@ -55,7 +55,7 @@ def _existing_output(output: Path, rows: list[ManifestRow], tag: str) -> set[str
                 f"{output} exists but is not a partial Stage 1 output of this input with generator {tag!r} "
                 f"(row {row.id!r}: "
                 + ("not in the input" if row.id not in input_ids else f"generator {row.pseudo_gt_generator!r}")
-                + "); refusing to append to it. Pass overwrite=True (--overwrite) to replace it, "
+                + "); refusing to append to it. Pass overwrite=True to replace it, "
                 "or choose another output"
             )
     return {row.id for row in written}
@@ -128,7 +128,7 @@ def generate_pseudo_gt(
     if output.exists() and not overwrite:
         if not resume:
             raise FileExistsError(
-                f"{output} already exists; pass overwrite=True (--overwrite) to replace it "
+                f"{output} already exists; pass overwrite=True to replace it, "
                 "or resume=True to continue it"
             )
         done = _existing_output(output, rows, tag)

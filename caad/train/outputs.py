@@ -25,11 +25,14 @@ def _is_ours(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, resume: bool, key: str) -> str:
+def check_output_dir(
+    path: str | os.PathLike[str], *, overwrite: bool, resume: bool, key: str, resumable: bool = True
+) -> str:
     """What :func:`prepare_output_dir` would do: ``"create"``, ``"replace"`` or ``"resume"``; writes nothing.
 
     Raises :class:`~caad.cli.UserError` (naming the config ``key``) when the folder holds an earlier
-    run and neither ``overwrite`` nor ``resume`` is set, or holds files caad did not write.
+    run and neither ``overwrite`` nor ``resume`` is set, or holds files caad did not write
+    (``resumable``: whether the message may suggest ``resume=True``).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -48,7 +51,8 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, resume: b
     overwrite_key = f"{key.rsplit('.', 1)[0]}.overwrite" if "." in key else "overwrite"
     raise UserError(
         f"{key}: {path} already holds an earlier run; set {overwrite_key}=true to replace it, "
-        "--resume to continue it, or choose another folder"
+        + ("resume=True to continue it, " if resumable else "")
+        + "or choose another folder"
     )
 
 

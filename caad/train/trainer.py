@@ -528,7 +528,7 @@ class Trainer:
         info = read_json(self.output_dir / "run_info.json")
         if info.get("method", self.method.name) != self.method.name:
             raise UserError(
-                f"--resume: {self.output_dir} holds a run of the method {info['method']!r}, not {self.method.name!r}"
+                f"resume=True: {self.output_dir} holds a run of the method {info['method']!r}, not {self.method.name!r}"
             )
         order, settings = resume_conflicts(
             before,
@@ -540,13 +540,13 @@ class Trainer:
         )
         if order:
             raise UserError(
-                f"--resume: {self.output_dir} was trained with different {', '.join(order)}; resuming would "
+                f"resume=True: {self.output_dir} was trained with different {', '.join(order)}; resuming would "
                 "not continue the same data order. Use the same settings, or start a new output_dir"
             )
         if settings and not self.force_resume:
             raise UserError(
-                f"--resume: {self.output_dir} was trained with different {', '.join(settings)}; the resumed "
-                "run would not continue the same training. Use the same settings, or pass --force-resume "
+                f"resume=True: {self.output_dir} was trained with different {', '.join(settings)}; the resumed "
+                "run would not continue the same training. Use the same settings, or pass force_resume=True "
                 "to continue with the new ones"
             )
         if settings and self.dist.is_main:
@@ -588,7 +588,7 @@ class Trainer:
         name = latest.read_text(encoding="utf-8").strip()
         path, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=name)
         if path is None:
-            raise UserError(f"--resume: could not load the checkpoint {self.checkpoint_dir / name}")
+            raise UserError(f"resume=True: could not load the checkpoint {self.checkpoint_dir / name}")
         step = int(client_state["caad_step"])
         self.method.load_state_dict(client_state.get("method_state") or {})
         rng_file = self.checkpoint_dir / name / f"rng_state_rank{self.dist.rank}.pt"
