@@ -9,7 +9,6 @@ from methods_fixtures import (
     FakeStep,
     answer_positions,
     naive_answer_loss,
-    prepare_methods,
     setup_context,
     text_logits,
     trainer_settings,
@@ -29,16 +28,13 @@ INFO = BatchInfo("train", 0, 0, 1, 0, 1)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return prepare_methods(tmp_path_factory.mktemp("crossmodal"))
+def models(method_models):
+    return method_models
 
 
 def _method(models, tmp_path, **overrides):

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from methods_fixtures import prepare_methods
 
 from caad.cli import UserError
 from caad.config import ConfigError
@@ -29,11 +28,8 @@ from caad.methods.salad.rounds import SaladRun
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _blobs(sizes=(7, 5, 9), dim=4, seed=0):
@@ -186,8 +182,8 @@ def test_measures_and_paired_gap_with_intervals():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return prepare_methods(tmp_path_factory.mktemp("salad"))
+def models(method_models):
+    return method_models
 
 
 def test_probe_items_match_a_per_item_reference(models):
