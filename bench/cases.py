@@ -18,7 +18,7 @@ MODES = ("fwd", "fwd+bwd")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The loss options every implementation of one case computes (DESIGN.md section 2)."""
+    """The loss options every implementation of one case computes (docs/math.md)."""
 
     name: str
     alpha: float

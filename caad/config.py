@@ -357,7 +357,7 @@ class TrainerConfig:
 
 @dataclass
 class Stage2Config(TrainerConfig):
-    """CAAD (method ``caad``): the trainer's fields plus the teacher and the loss (DESIGN.md section 2).
+    """CAAD (method ``caad``): the trainer's fields plus the teacher and the loss (docs/math.md).
 
     ``alpha: 0`` is plain KD (no negative path); ``kd_weight: 0`` is CE-only fine-tuning with no teacher.
     """

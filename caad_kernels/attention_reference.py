@@ -56,7 +56,7 @@ def attention_kd_loss_reference(
     key ``j`` is visible to query ``i`` iff both are valid in ``attention_mask`` and (``causal``)
     ``j <= i``; ``q = softmax(s / tau)``; the teacher distribution of student head ``h`` is the
     mean over its teacher heads of ``softmax(z / tau)`` (one head: that head's). The divergence
-    per valid query row is chosen by ``beta`` (DESIGN.md section 2), times ``tau**2`` when
+    per valid query row is chosen by ``beta`` (docs/math.md), times ``tau**2`` when
     ``temperature_scaling``; "mean" averages over valid query rows and student heads, "sum" adds,
     "none" returns ``[B, H_s, T]`` (0 on padded rows).
     """

@@ -1,6 +1,6 @@
 """Options shared by every contrastive KD op, and their validation.
 
-The conventions are those of DESIGN.md section 2, with the per-path logit transforms in front:
+The conventions are those of docs/math.md, with the per-path logit transforms in front:
 ``s = softcap_s(student_logit_scale * student)``, ``z = softcap_t(teacher_logit_scale * teacher)``
 for each teacher path, where ``softcap_c(x) = c * tanh(x / c)`` (identity when the cap is
 ``None``; ``-inf`` stays ``-inf``, a masked token stays masked). Then

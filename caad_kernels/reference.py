@@ -1,4 +1,4 @@
-"""Naive, materialising references that read like DESIGN.md section 2.
+"""Naive, materialising references that read like docs/math.md.
 
 They build full ``[rows x vocab]`` distributions and let autograd differentiate, so they are slow
 and memory-hungry by design: every backend is tested against them. ``compute_dtype`` picks the

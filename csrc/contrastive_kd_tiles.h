@@ -12,7 +12,7 @@
 // `dtype_size`, `Divergence`, `TempMode`, `Src`, `RowJob`, `Partial`, `RowStats`, `merge_partial` and the
 // row-flag bits `kFlagStudent`, `kFlagTeacher`, `kFlagNegative`.
 //
-// Conventions (DESIGN.md section 2): s and z are the logits after each path's scale and softcap; a = z_hat / tau
+// Conventions (docs/math.md): s and z are the logits after each path's scale and softcap; a = z_hat / tau
 // with cut-off tokens and z_pos = -inf tokens at -inf; b = s / tau; all sums in float32. Running maxima start at -FLT_MAX instead of -inf so that
 // differences of maxima are never inf - inf; a tile whose teacher entries are all -inf has sum 0.
 

@@ -2,7 +2,7 @@
 
 CUDA only (skipped on the CPU and under ``TRITON_INTERPRET=1``): ``make gpu-check`` runs this file
 on a GPU. Through the public API only (``contrastive_kd_loss``, ``fused_linear_contrastive_kd_loss``),
-against an independent float64 reference written here from DESIGN.md section 2:
+against an independent float64 reference written here from docs/math.md:
 
 - real vocabularies (128256; 151936 against a 152064-column teacher; 32001 and 50257, which are
   not multiples of 16) with the launch configuration the op picks by itself (production tiles),
@@ -13,7 +13,7 @@ against an independent float64 reference written here from DESIGN.md section 2:
   fresh process, so a dead CUDA context cannot take the other tests with it);
 - an upstream gradient of 65536 in float16 (GradScaler's initial scale) and of 0.7 in bfloat16;
   float32 accumulation of the bf16 weight gradient over many chunks;
-- the memory contract on the device (DESIGN.md section 3): no gradient buffers under ``no_grad``, no
+- the memory contract on the device (README, "Memory contract"): no gradient buffers under ``no_grad``, no
   ``[rows, V]`` tensor in forward+backward;
 - the newer options (per-row ``alpha``, ``mask``, logit scales, softcaps) where the op has them.
 
@@ -85,7 +85,7 @@ def reference_rows(student, teacher, negative, labels, *, alpha=1.0, temperature
                    kd_weight=1.0, ce_weight=0.0, temperature_scaling=True, ignore_index=IGNORE, mask=None,
                    student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
                    **_):
-    """Per-row float64 ``(weighted kd + ce, valid)`` for ``[rows, V]`` student logits (DESIGN.md section 2)."""
+    """Per-row float64 ``(weighted kd + ce, valid)`` for ``[rows, V]`` student logits (docs/math.md)."""
     vocab = student.shape[-1]
     s = transform(student.double(), student_logit_scale, student_softcap)
     zp = transform(teacher[..., :vocab].double(), teacher_logit_scale, teacher_softcap)
@@ -449,7 +449,7 @@ def test_bf16_weight_gradient_accumulated_in_fp32_over_many_chunks():
     assert relative_l2(grad_w, ref_w) <= 8e-3
 
 
-# --- memory contract (DESIGN.md section 3) ------------------------------------------------------------
+# --- memory contract (README, "Memory contract") ------------------------------------------------------------
 
 
 def peak_bytes(fn) -> int:
@@ -462,7 +462,7 @@ def peak_bytes(fn) -> int:
 
 
 def memory_budget(rows: int, hidden: int, vocab: int, chunk: int) -> int:
-    """What the fused op may hold besides its inputs without gradients (DESIGN.md section 3): one chunk of
+    """What the fused op may hold besides its inputs without gradients (README, "Memory contract"): one chunk of
     logits per path (counted as float32), copies of the hidden states (h_s, h_t, h_n, h_hat, as float32)
     and 64 MiB of small buffers; no [V, H] buffer and no [rows, V] tensor."""
     return 3 * chunk * vocab * 4 + 4 * rows * hidden * 4 + (64 << 20)

@@ -172,7 +172,7 @@ OFFLINE = dict(alpha=2.0, temperature=2.0, plausibility=0.05, teacher_logit_scal
 
 def reference_teacher_logprobs(z_pos, z_neg, vocab, *, alpha, temperature, plausibility, teacher_logit_scale,
                                teacher_softcap):
-    """float64 ``log_softmax(z_hat / tau)`` of the reference's contrastive teacher (DESIGN section 2)."""
+    """float64 ``log_softmax(z_hat / tau)`` of the reference's contrastive teacher (docs/math.md)."""
     def transform(z):
         return None if z is None else softcap(z[..., :vocab].double(), teacher_logit_scale, teacher_softcap)
 

@@ -1,6 +1,6 @@
 """Speech synthesis with libespeak-ng through ctypes (the ``espeakng-loader`` wheel; no system package).
 
-Facts this module relies on (checked on these machines, see ``DESIGN.md`` section 5):
+Facts this module relies on (checked on the machines this was built on):
 ``espeak_Initialize(2 /*synchronous*/, 0, data_path, 0)`` returns the sampling rate (22050 Hz);
 samples arrive as int16 through the callback set with ``espeak_SetSynthCallback``;
 ``espeak_SetParameter(1, wpm, 0)`` sets the rate, ``espeak_SetParameter(3, p, 0)`` the pitch (0-100);

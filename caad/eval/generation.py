@@ -16,7 +16,7 @@ model's logit scale and soft-cap applied, :meth:`SpeechLM.logits_from_hidden`; `
     argmax_v  z_hat_v,   z_hat = (1 + alpha) * z_pos - alpha * z_neg
 
 (computed in float32), optionally restricted by the adaptive plausibility cutoff of
-``caad/DESIGN.md`` section 2 (keep ``v`` iff ``z_pos_v >= max(z_pos) + log(plausibility)``). The
+docs/math.md (keep ``v`` iff ``z_pos_v >= max(z_pos) + log(plausibility)``). The
 chosen token is appended to BOTH paths. A row stops at a stop token (:attr:`SpeechLM.stop_token_ids`:
 the chat template's end of turn, or ``eos``); finished rows keep being fed the end token (ignored)
 until every row has finished or ``max_new_tokens`` tokens were produced. With ``alpha = 0`` the

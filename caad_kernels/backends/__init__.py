@@ -34,7 +34,7 @@ fused-linear op (which calls them on one chunk of freshly computed logits at a t
     into ``grad``, a ``[rows, V]`` tensor of the student's dtype with unit column stride (its row
     stride may exceed ``V``; it may alias the student when the caller no longer needs the
     logits). ``coef_kd``/``coef_ce`` are float32 ``[rows]`` and already hold the weights, the
-    reduction factor, ``tau**2`` and zero on ignored rows. Closed forms (DESIGN.md section 2), per
+    reduction factor, ``tau**2`` and zero on ignored rows. Closed forms (docs/math.md), per
     row, with ``p``, ``q`` at temperature ``tau``, with respect to the transformed ``s``:
     forward ``(q - p) / tau``; reverse ``q (log q - log p - KL(q||p)) / tau``; mixture
     ``(1 - beta) q (log(q/m) - KL(q||m)) / tau``; CE ``softmax(s) - onehot(y)``; then times

@@ -2,7 +2,7 @@
 
 The contrastive teacher is ``z_hat = (1 + alpha) z_pos - alpha z_neg`` (``z_pos``: the teacher on the
 real audio, ``z_neg``: on the text-only path), distilled at temperature ``tau`` into the student, plus
-cross-entropy on the pseudo-GT (DESIGN.md section 2). The fused-linear op takes the final hidden states
+cross-entropy on the pseudo-GT (docs/math.md). The fused-linear op takes the final hidden states
 at the target positions and both ``lm_head`` weights, so no ``[tokens x vocab]`` logits exist anywhere.
 """
 

@@ -1,7 +1,7 @@
 """Config sections of the text-teacher methods (cross-modal, source-wise, layer-wise).
 
 :class:`AnswerKDConfig` holds what the three share: the answer-token distillation loss of
-DESIGN.md section 2 (temperature, divergence, KD and CE weights, the fused op's backend). Each method's
+docs/math.md (temperature, divergence, KD and CE weights, the fused op's backend). Each method's
 section subclasses it: :class:`CrossModalConfig` here, :class:`caad.methods.sourcewise.SourceWiseConfig`,
 :class:`caad.methods.layerwise.LayerWiseConfig`. Every field has a one-line help (``caad.config``'s
 convention); :meth:`validate` checks value ranges and :meth:`check_paths` the teacher folders, both with

@@ -5,7 +5,7 @@ Per answer row ``i`` (teacher and student rows line up: :mod:`caad.methods.cross
 
     loss_i = kd_weight * D(p_i || q_i) [* tau^2] + ce_weight * CE(s_i, y_i)
 
-``D`` is forward KL at ``beta = 0`` (DESIGN.md section 2). The op takes the final hidden states on the
+``D`` is forward KL at ``beta = 0`` (docs/math.md). The op takes the final hidden states on the
 answer rows and both ``lm_head`` weights, so no ``[rows x vocab]`` logits exist; the teacher's
 vocabulary may be larger than the student's (its extra columns are dropped), its width may differ.
 Without a teacher (``kd_weight: 0``) the KD term has weight 0 against the student itself: CE only.
