@@ -101,6 +101,34 @@ def _row_offset(row, T, stride_b, stride_t):
 
 
 @_device_function
+def _row_columns(row, labels_ptr, limit_ptr, V, ignore_index, HAS_LABELS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """``(y, valid, n_cols)`` of row ``row``: its label (-1 without labels), whether it counts, and how many
+    columns its sweeps read.
+
+    A row reads columns ``[0, V_row)``, ``V_row`` its column limit clamped to ``[0, V]`` (``V`` without
+    limits). It is ignored when its label is ``ignore_index`` or it has no column; an ignored row gets
+    ``n_cols = 0``, so it is never read: every sweep over it has zero trips.
+    """
+    if HAS_LIMIT:
+        V_row = tl.minimum(tl.maximum(tl.load(limit_ptr + row), 0), V)
+    else:
+        V_row = V
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        valid = y != ignore_index
+    else:
+        y = -1
+        valid = True
+    if HAS_LIMIT:
+        valid = valid & (V_row > 0)
+    if HAS_LABELS or HAS_LIMIT:
+        n_cols = tl.where(valid, V_row, 0)
+    else:
+        n_cols = V
+    return y, valid, n_cols
+
+
+@_device_function
 def _softcap(x, scale, cap, HAS_CAP: tl.constexpr):
     """``cap * tanh(scale * x / cap)`` (``scale * x`` without a cap); ``-inf`` stays ``-inf``.
 
@@ -369,23 +397,7 @@ def _forward_kernel(
     t_off = _row_offset(row, t_T, t_stride_b, t_stride_t)
     n_off = _row_offset(row, n_T, n_stride_b, n_stride_t)
     lanes = tl.arange(0, BLOCK_V)
-    if HAS_LIMIT:
-        # the row reads columns [0, V_row); a row with no column is ignored
-        V_row = tl.minimum(tl.maximum(tl.load(limit_ptr + row), 0), V)
-    else:
-        V_row = V
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + row)
-        valid = y != ignore_index
-    else:
-        y = -1
-        valid = True
-    if HAS_LIMIT:
-        valid = valid & (V_row > 0)
-    if HAS_LABELS or HAS_LIMIT:
-        n_cols = tl.where(valid, V_row, 0)  # an ignored row is never read: every sweep has 0 trips
-    else:
-        n_cols = V
+    y, valid, n_cols = _row_columns(row, labels_ptr, limit_ptr, V, ignore_index, HAS_LABELS, HAS_LIMIT)
     n_full = (n_cols // BLOCK_V) * BLOCK_V
     if PER_ROW_ALPHA:
         alpha = tl.load(alpha_ptr + row)
@@ -472,7 +484,7 @@ def _forward_kernel(
         kd = beta * tl.sum(kl_pm_lanes, axis=0) + (1.0 - beta) * kl_aux
 
     if HAS_CE:
-        in_range = valid & (y >= 0) & (y < V_row)
+        in_range = valid & (y >= 0) & (y < n_cols)  # n_cols = V_row on a valid row
         flags = flags | tl.where(valid & ~in_range, 8, 0)
         x_y = tl.load(s_ptr + s_off + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32)
         ce = (m_s - _softcap(x_y, s_scale, s_cap, S_CAP)) + log_sum_s
@@ -568,22 +580,7 @@ def _backward_kernel(
     kl_aux = tl.load(stats_row + 3)
     threshold = tl.load(stats_row + 4) + log_plausibility
     c_kd = tl.load(coef_kd_ptr + row)
-    if HAS_LIMIT:
-        V_row = tl.minimum(tl.maximum(tl.load(limit_ptr + row), 0), V)
-    else:
-        V_row = V
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + row)
-        valid = y != ignore_index
-    else:
-        y = -1
-        valid = True
-    if HAS_LIMIT:
-        valid = valid & (V_row > 0)
-    if HAS_LABELS or HAS_LIMIT:
-        n_cols = tl.where(valid, V_row, 0)
-    else:
-        n_cols = V
+    y, valid, n_cols = _row_columns(row, labels_ptr, limit_ptr, V, ignore_index, HAS_LABELS, HAS_LIMIT)
     if HAS_CE:
         c_ce = tl.load(coef_ce_ptr + row)
     else:
