@@ -1,10 +1,8 @@
-"""Forgetting and modality-gap measures (caad.eval.modality_gap) on hand-made answers with known values, and
-scripts/crossmodal_table.py's output folder rules (no training here)."""
+"""Forgetting and modality-gap measures (caad.eval.modality_gap) on hand-made answers with known values (no
+training here; the table built from them is tested in tests/test_experiment_spoken_qa.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,6 @@ import pytest
 from caad.data.audio import write_wav
 from caad.data.manifest import ManifestRow
 from caad.eval.modality_gap import MEASURES, format_estimate, modality_measures, student_records, text_teacher_records
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _records(text: dict[str, bool], speech: dict[str, list[bool]] | None = None) -> list[dict]:
@@ -201,81 +197,3 @@ def test_text_teacher_records(tmp_path, monkeypatch):
     monkeypatch.setattr(text_lm, "generate_text_answers", lambda model, tok, queries, **kw: ["Seven.", "six"])
     records = text_teacher_records(None, None, _rows(tmp_path))
     assert [(r["group"], r["modality"], r["correct"]) for r in records] == [("q1", "text", True), ("q2", "text", False)]
-
-
-# ---- the script's output folder ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("crossmodal_table", REPO / "scripts" / "crossmodal_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_script_refuses_a_non_empty_folder_before_doing_anything(script, tmp_path, monkeypatch, capsys):
-    def no_work(*args, **kwargs):
-        raise AssertionError("the script started working")
-
-    monkeypatch.setattr(script, "run", no_work)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    assert script.main(["--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
-    assert script.main(["--out", str(out), "--overwrite"]) == 2  # not a table of this script
-    assert "holds no results.json" in capsys.readouterr().err
-    (out / "results.json").write_text("{}")
-    assert script.main(["--out", str(out), "--overwrite"]) == 2  # a foreign file beside it
-    assert "did not write" in capsys.readouterr().err
-    assert (out / "notes.txt").read_text() == "mine"
-
-
-def test_script_arguments(script):
-    with pytest.raises(SystemExit):
-        script.parse_args(["--arms", "sourcewise"])
-    with pytest.raises(SystemExit):
-        script.parse_args(["--steps", "0"])
-    args = script.parse_args(["--arms", "layerwise", "ce_only", "--seeds", "3"])
-    assert args.arms == ["ce_only", "layerwise"] and args.seeds == [3]
-
-
-def _fake_results(script) -> tuple[dict, list]:
-    rows = {}
-    for name in (*script.REFERENCES, "ce_only"):
-        m = modality_measures(STUDENT, pre=PRE, teacher=TEACHER, num_bootstrap=20)
-        rows[name] = {
-            "description": script.ARMS.get(name) or script.REFERENCES[name],
-            "measures": m,
-            "per_seed": {0: {"text_accuracy": 0.75, "speech_accuracy": None}},
-        }
-    results = {
-        "settings": {"seeds": [0], "steps": 2, "batch_size": 2, "lr": 0.001},
-        "provenance": {"command": "x", "commit": "abc", "uncommitted_changes": True, "torch": "2", "torch_threads": 1,
-                       "lscpu_head": "Architecture: x86_64"},
-        "test": {"utterances": 8, "items": 4, "chance_accuracy": 0.25},
-        "rows": rows,
-        "timings": {"a": 1.0},
-        "wall_s": 60.0,
-    }  # fmt: skip
-    return results, [{"row": "ce_only", "seed": 0, **r} for r in STUDENT]
-
-
-def test_script_writes_its_outputs_and_replaces_only_its_own_table(script, tmp_path):
-    results, records = _fake_results(script)
-    out = tmp_path / "table"
-    script.write_outputs(out, results, records, overwrite=False)
-    assert sorted(p.name for p in out.iterdir()) == sorted(script.OUTPUT_FILES)
-    assert (
-        json.loads((out / "results.json").read_text())["rows"]["ce_only"]["measures"]["text_accuracy"]["value"] == 0.75
-    )
-    text = (out / "results.md").read_text()
-    assert "`abc` (the uncommitted working tree on top of it)" in text and "| `ce_only` |" in text
-    assert "| 75.0 [" in text and "Architecture: x86_64" in text
-    with pytest.raises(FileExistsError):
-        script.write_outputs(out, results, records, overwrite=False)
-    results["wall_s"] = 120.0
-    script.write_outputs(out, results, records, overwrite=True)
-    assert json.loads((out / "results.json").read_text())["wall_s"] == 120.0
-    assert [p.name for p in tmp_path.iterdir()] == ["table"]  # no staging folder left

@@ -2,6 +2,7 @@
 
 YAML layout (every key optional except ``arms``; unknown keys are errors naming the file and key)::
 
+    suite: caad                          # caad (this layout) or spoken_qa (caad.experiment.spoken_qa_config)
     output_dir: runs/experiment          # the experiment folder ({timestamp} expands)
     seeds: [0, 1, 2]                     # model initialisation and data order, per seed
     data:   {num_examples, seed, splits, context_share, context_agreement, irrelevant_share}
@@ -44,7 +45,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caad.config import (
     ConfigError,
@@ -55,9 +56,13 @@ from caad.config import (
     parse_overrides,
 )
 
+if TYPE_CHECKING:
+    from caad.experiment.spoken_qa_config import SpokenQAExperimentConfig
+
 __all__ = [
     "ARM_KINDS",
     "SELECT_METRICS",
+    "SUITES",
     "ArmSpec",
     "EvalSettings",
     "ExperimentConfig",
@@ -66,6 +71,9 @@ __all__ = [
     "load_experiment_config",
 ]
 
+#: ``suite:`` values: the CAAD corpus (this module) or the spoken-QA text-teacher ablations
+#: (:mod:`caad.experiment.spoken_qa_config`).
+SUITES = ("caad", "spoken_qa")
 ARM_KINDS = ("teacher", "teacher_contrastive", "student")
 #: Metrics a sweep may be selected by on validation (higher is better for each).
 SELECT_METRICS = ("accuracy", "accuracy_all", "modal_robustness")
@@ -316,8 +324,22 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def experiment_config_from_dict(data: dict[str, Any], where: str = "") -> ExperimentConfig:
-    """A checked :class:`ExperimentConfig` from plain data (``where`` prefixes error messages)."""
+def experiment_config_from_dict(
+    data: dict[str, Any], where: str = ""
+) -> ExperimentConfig | SpokenQAExperimentConfig:
+    """A checked :class:`ExperimentConfig` from plain data (``where`` prefixes error messages).
+
+    ``suite: spoken_qa`` reads the text-teacher ablations instead
+    (:func:`caad.experiment.spoken_qa_config.spoken_qa_config_from_dict`, a ``SpokenQAExperimentConfig``).
+    """
+    suite = data.get("suite", "caad")
+    if suite == "spoken_qa":
+        from caad.experiment.spoken_qa_config import spoken_qa_config_from_dict
+
+        return spoken_qa_config_from_dict(data, where)
+    if suite != "caad":
+        raise ConfigError(f"{where}suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    data = {key: value for key, value in data.items() if key != "suite"}
     allowed = {"output_dir", "seeds", "data", "models", "warmup", "student", "eval", "arms"}
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -382,7 +404,7 @@ def _check_settings(config: ExperimentConfig, where: str) -> None:
 
 def load_experiment_config(
     path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
-) -> ExperimentConfig:
+) -> ExperimentConfig | SpokenQAExperimentConfig:
     """Read ``path`` (YAML), apply ``key=value`` overrides (dotted keys, YAML values), check everything.
 
     Raises :class:`caad.config.ConfigError` naming the file and the key for anything wrong.

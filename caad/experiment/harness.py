@@ -34,10 +34,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caad.experiment.config import ExperimentConfig, Variant, fingerprint
 from caad.experiment.store import UnitStore, check_experiment_dir, prepare_experiment_dir
+
+if TYPE_CHECKING:
+    from caad.experiment.spoken_qa_config import SpokenQAExperimentConfig
 
 __all__ = ["ExperimentResult", "plan_units", "run_experiment"]
 
@@ -47,8 +50,8 @@ class ExperimentResult:
     """What ``caad experiment`` produced."""
 
     output_dir: Path
-    results_json: Path
-    results_md: Path
+    results_json: Path | None  # None after a set-up only run (no report)
+    results_md: Path | None
     plots: list[Path]
     ran: list[str]
     skipped: list[str]
@@ -278,20 +281,33 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_experiment(
-    config: ExperimentConfig,
+    config: ExperimentConfig | SpokenQAExperimentConfig,
     *,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    setup_only: bool = False,
 ) -> ExperimentResult:
     """Run (or continue) the experiment of ``config``; write the report; returns where it is.
 
     Everything is checked before anything is written: the config (already, when loaded), the
     folder (:func:`~caad.experiment.store.check_experiment_dir`) and, on resume, every finished
-    unit's settings against this config.
+    unit's settings against this config. A ``suite: spoken_qa`` config runs
+    :func:`caad.experiment.spoken_qa.run_spoken_qa_experiment` (``setup_only``: its shared units only).
     """
+    if getattr(config, "suite", "caad") == "spoken_qa":
+        from caad.experiment.spoken_qa import run_spoken_qa_experiment
+
+        return run_spoken_qa_experiment(
+            config, resume=resume, overwrite=overwrite, setup_only=setup_only, progress=progress, command=command,
+            log=log,
+        )
+    if setup_only:
+        from caad.cli import UserError
+
+        raise UserError("--setup-only is for suite spoken_qa configs (it builds their shared set and models)")
     import yaml
     from tqdm.auto import tqdm
 
@@ -308,7 +324,7 @@ def run_experiment(
     if action == "resume":
         for name, settings in units:
             store.check(name, settings)  # raises before anything is written
-    prepare_experiment_dir(out, action, {"command": command, "machine": machine_info()})
+    prepare_experiment_dir(out, action, {"command": command, "suite": "caad", "machine": machine_info()})
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     say(f"{action} {out}: {len(units)} units, {len(config.seeds)} seed(s), {len(config.variants())} variant(s)")
     settings_of = dict(units)

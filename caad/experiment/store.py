@@ -35,11 +35,12 @@ MARKER = "experiment.json"
 DONE = "done.json"
 
 
-def check_experiment_dir(path: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> str:
+def check_experiment_dir(path: str | os.PathLike[str], *, resume: bool, overwrite: bool, suite: str = "caad") -> str:
     """``"create"``, ``"resume"`` or ``"replace"`` for the experiment folder ``path``; writes nothing.
 
     Raises :class:`~caad.cli.UserError` for an earlier experiment without ``--resume``/``--overwrite``,
-    and for a non-empty folder that is not an experiment (never written into or deleted).
+    for a non-empty folder that is not an experiment (never written into or deleted), and for resuming
+    an experiment of another ``suite`` (a marker run without a suite is a ``caad`` one).
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the experiment, or replace it")
@@ -54,6 +55,12 @@ def check_experiment_dir(path: str | os.PathLike[str], *, resume: bool, overwrit
             "into it or delete it: choose another output_dir"
         )
     if resume:
+        earlier = _suites(path / MARKER)
+        if earlier - {suite}:
+            raise UserError(
+                f"output_dir: {path} holds a suite {', '.join(sorted(earlier))} experiment and this config is suite "
+                f"{suite}; --resume only continues the same suite: choose another output_dir"
+            )
         return "resume"
     if overwrite:
         return "replace"
@@ -61,6 +68,16 @@ def check_experiment_dir(path: str | os.PathLike[str], *, resume: bool, overwrit
         f"output_dir: {path} already holds an experiment; pass --resume to continue it (finished arms are "
         "kept), --overwrite to replace it, or choose another output_dir"
     )
+
+
+def _suites(marker: Path) -> set[str]:
+    """The suites of the runs recorded in ``marker`` (an unreadable marker counts as none)."""
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    runs = record.get("runs", []) if isinstance(record, dict) else []
+    return {str(run.get("suite", "caad")) for run in runs if isinstance(run, dict)}
 
 
 def prepare_experiment_dir(path: str | os.PathLike[str], action: str, info: dict[str, Any]) -> None:
