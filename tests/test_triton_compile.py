@@ -32,9 +32,12 @@ def test_triton_row_kernels_compile_for_sm90(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, f"compilation failed:\n{done.stdout}\n{done.stderr[-4000:]}"
     compiled = [json.loads(line)["name"] for line in done.stdout.splitlines() if line.startswith("{")]
+    before = os.environ.get("TRITON_INTERPRET")
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from triton_compile_check import SPECIALISATIONS
     finally:
         sys.path.remove(str(SCRIPT.parent))
     assert compiled == [spec[0] for spec in SPECIALISATIONS]
+    # importing the plan must leave this process's Triton mode alone (the other Triton tests run after this one)
+    assert os.environ.get("TRITON_INTERPRET") == before

@@ -16,22 +16,16 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
-os.environ["TRITON_INTERPRET"] = "0"  # before Triton is imported: the helpers must be jit functions
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from caad_kernels.backends import triton_rows  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
+#: The compile target: ``GPUTarget("cuda", ARCH, WARP_SIZE)``.
+ARCH, WARP_SIZE = 90, 32
 _INDEX_POINTERS = {"labels_ptr": "*i64", "limit_ptr": "*i64", "flags_ptr": "*i32"}
 _LOGIT_POINTERS = ("s_ptr", "t_ptr", "n_ptr", "grad_ptr")
 _INT_ARGS = {"V", "ignore_index", "g_stride"}
 
 
-def signature(kernel: triton.JITFunction, dtype: str, constexprs: dict[str, object]) -> dict[str, str]:
+def signature(kernel: Any, dtype: str, constexprs: dict[str, object]) -> dict[str, str]:
     """Triton's signature of ``kernel``: logits (and the gradient) in ``dtype``, statistics in fp32."""
     types: dict[str, str] = {}
     for name in kernel.arg_names:
@@ -53,31 +47,43 @@ def _flags(on: bool, divergence: int) -> dict[str, object]:
     return {**{name: on for name in names}, "DIVERGENCE": divergence}
 
 
-#: (name, kernel, logits dtype, constexprs, num_warps): every flag on and every flag off, each divergence, both
-#: kernels, the production tiles of :func:`triton_rows.launch_config` for 2- and 4-byte inputs.
+#: (name, kernel name in ``triton_rows``, logits dtype, constexprs, num_warps): every flag on and every flag off,
+#: each divergence, both kernels, the production tiles of :func:`triton_rows.launch_config` for 2- and 4-byte
+#: inputs.
 SPECIALISATIONS = [
-    ("forward-all-on-mixture-bf16", triton_rows._forward_kernel, "bf16",
+    ("forward-all-on-mixture-bf16", "_forward_kernel", "bf16",
      {**_flags(True, 2), "TAU_IS_ONE": False, "WRITE_GRAD": True, "BLOCK_V": 4096}, 16),
-    ("forward-all-off-forward-fp32", triton_rows._forward_kernel, "fp32",
+    ("forward-all-off-forward-fp32", "_forward_kernel", "fp32",
      {**_flags(False, 0), "TAU_IS_ONE": True, "WRITE_GRAD": False, "BLOCK_V": 2048}, 8),
-    ("forward-labels-limit-reverse-fp16", triton_rows._forward_kernel, "fp16",
+    ("forward-labels-limit-reverse-fp16", "_forward_kernel", "fp16",
      {**_flags(False, 1), "HAS_LABELS": True, "HAS_CE": True, "HAS_LIMIT": True, "TAU_IS_ONE": False,
       "WRITE_GRAD": True, "BLOCK_V": 1024}, 4),
-    ("backward-all-on-mixture-bf16", triton_rows._backward_kernel, "bf16",
+    ("backward-all-on-mixture-bf16", "_backward_kernel", "bf16",
      {**_flags(True, 2), "BLOCK_V": 4096}, 16),
-    ("backward-all-off-forward-fp32", triton_rows._backward_kernel, "fp32",
+    ("backward-all-off-forward-fp32", "_backward_kernel", "fp32",
      {**_flags(False, 0), "BLOCK_V": 2048}, 8),
 ]  # fmt: skip
 
 
 def main() -> int:
-    for name, kernel, dtype, constexprs, num_warps in SPECIALISATIONS:
+    # only here, never at import (a test imports SPECIALISATIONS): the process's Triton must compile, so the
+    # kernels' helpers are jit functions, and that is decided when triton_rows is imported
+    os.environ["TRITON_INTERPRET"] = "0"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from caad_kernels.backends import triton_rows
+
+    target = GPUTarget("cuda", ARCH, WARP_SIZE)
+    for name, kernel_name, dtype, constexprs, num_warps in SPECIALISATIONS:
+        kernel = getattr(triton_rows, kernel_name)
         unknown = set(constexprs) - set(kernel.arg_names)
         if unknown:
             raise SystemExit(f"{name}: {sorted(unknown)} are not parameters of {kernel.fn.__name__}")
         started = time.perf_counter()
         source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
-        compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
+        compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
         if "cubin" not in compiled.asm:
             raise SystemExit(f"{name}: no cubin was produced")
         seconds = round(time.perf_counter() - started, 2)
