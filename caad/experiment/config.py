@@ -253,6 +253,21 @@ def _check_decoding(decoding: dict[str, Any], where: str) -> None:
 # ---- loading -------------------------------------------------------------------------------------------
 
 
+def common_keys(data: dict[str, Any], default_output_dir: str, where: str) -> tuple[str, list[int], dict[str, Any]]:
+    """``(output_dir, seeds, arms)`` of an experiment config of any suite, checked (errors name the key)."""
+    output_dir = data.get("output_dir", default_output_dir)
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"{where}output_dir must be a non-empty path, got {output_dir!r}")
+    seeds = data.get("seeds", [0, 1, 2])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise ConfigError(f"{where}seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
+    arms = data.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise ConfigError(f"{where}arms must be a non-empty mapping of arm name -> spec")
+    return output_dir, list(seeds), arms
+
+
 def _section(cls: type, data: Any, name: str, where: str) -> Any:
     if data is None:
         return cls()
@@ -344,16 +359,7 @@ def experiment_config_from_dict(
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    output_dir = data.get("output_dir", "runs/experiment")
-    if not isinstance(output_dir, str) or not output_dir:
-        raise ConfigError(f"{where}output_dir must be a non-empty path, got {output_dir!r}")
-    seeds = data.get("seeds", [0, 1, 2])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        raise ConfigError(f"{where}seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
-    arms = data.get("arms")
-    if not isinstance(arms, dict) or not arms:
-        raise ConfigError(f"{where}arms must be a non-empty mapping of arm name -> spec")
+    output_dir, seeds, arms = common_keys(data, "runs/experiment", where)
     config = ExperimentConfig(
         output_dir=output_dir,
         seeds=list(seeds),

@@ -215,6 +215,18 @@ class SpokenQAExperimentConfig:
 # ---- loading ----------------------------------------------------------------------------------------------
 
 
+def _training_keys(value: Any, name: str, where: str) -> dict[str, Any]:
+    """The method-config overrides at ``name`` (``student`` or an arm's ``train``): a mapping without the keys
+    the experiment fills (paths, seed)."""
+    value = value or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}{name} must be a mapping, got {value!r}")
+    filled = sorted(set(value) & set(FILLED_KEYS))
+    if filled:
+        raise ConfigError(f"{where}{name}.{filled[0]} is filled by the experiment; remove it")
+    return value
+
+
 def _section(cls: type, data: Any, name: str, where: str) -> Any:
     """``cls`` from the mapping ``data`` with exact types (ints accepted for floats), nested dataclasses too."""
     if data is None:
@@ -275,12 +287,7 @@ def _arm(name: Any, spec: Any, where: str) -> QAArm:
     method = spec.get("method")
     if method not in METHODS:
         raise ConfigError(f"{where}arms.{name}.method must be one of {', '.join(METHODS)}, got {method!r}")
-    train = spec.get("train") or {}
-    if not isinstance(train, dict):
-        raise ConfigError(f"{where}arms.{name}.train must be a mapping, got {train!r}")
-    filled = sorted(set(train) & set(FILLED_KEYS))
-    if filled:
-        raise ConfigError(f"{where}arms.{name}.train.{filled[0]} is filled by the experiment; remove it")
+    train = _training_keys(spec.get("train"), f"arms.{name}.train", where)
     teacher = spec.get("acoustic_teacher")
     if teacher is not None:
         if method != "sourcewise":
@@ -302,22 +309,10 @@ def spoken_qa_config_from_dict(data: dict[str, Any], where: str = "") -> SpokenQ
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; known (suite spoken_qa): "
                           f"{', '.join(sorted(allowed))}")
     data = copy.deepcopy(data)
-    output_dir = data.get("output_dir", "runs/spoken_qa")
-    if not isinstance(output_dir, str) or not output_dir:
-        raise ConfigError(f"{where}output_dir must be a non-empty path, got {output_dir!r}")
-    seeds = data.get("seeds", [0, 1, 2])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        raise ConfigError(f"{where}seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
-    student = data.get("student") or {}
-    if not isinstance(student, dict):
-        raise ConfigError(f"{where}student must be a mapping, got {student!r}")
-    filled = sorted(set(student) & set(FILLED_KEYS))
-    if filled:
-        raise ConfigError(f"{where}student.{filled[0]} is filled by the experiment; remove it")
-    arms = data.get("arms")
-    if not isinstance(arms, dict) or not arms:
-        raise ConfigError(f"{where}arms must be a non-empty mapping of arm name -> spec")
+    from caad.experiment.config import common_keys  # not at import: that module imports this one lazily
+
+    output_dir, seeds, arms = common_keys(data, "runs/spoken_qa", where)
+    student = _training_keys(data.get("student"), "student", where)
     config = SpokenQAExperimentConfig(
         output_dir=output_dir,
         seeds=list(seeds),

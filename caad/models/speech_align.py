@@ -284,6 +284,31 @@ def _text_path_answers(student: SpeechLM, transcripts: Sequence[str], batch_size
     return answers
 
 
+def _optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    parameters: Sequence[torch.nn.Parameter],
+    losses: list[float],
+    bar: Any,
+) -> None:
+    """One clipped (norm 1) optimizer and schedule step on ``loss``; its value joins ``losses`` and the bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    losses.append(float(loss.detach()))
+    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.update(1)
+
+
+def _loss_ends(losses: Sequence[float]) -> tuple[float, float]:
+    """``(end, start)``: the mean loss over the last tenth of the steps and over as many first steps."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return float(np.mean(tail)), float(np.mean(losses[: len(tail)]))
+
+
 @torch.no_grad()
 def _agreement(student: SpeechLM, audio: list[np.ndarray], instructions: list[str], targets: list[str]) -> float:
     """Fraction of clips whose greedy spoken answer equals ``targets`` (case and spaces ignored)."""
@@ -397,19 +422,10 @@ def align_speech_student(
                         zero_infinity=True,
                     )
                     loss = loss + commitment * head.commitment
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(ctc_parameters, 1.0)
-                    optimizer.step()
-                    schedule.step()
-                    losses.append(float(loss.detach()))
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                    bar.update(1)
+                    _optimizer_step(loss, optimizer, schedule, ctc_parameters, losses, bar)
             model.audio_encoder.eval()
             model.projector.eval()
-            tail = losses[-max(1, ctc_steps // 10) :]
-            metrics["ctc_loss"] = float(np.mean(tail))
-            metrics["ctc_loss_start"] = float(np.mean(losses[: len(tail)]))
+            metrics["ctc_loss"], metrics["ctc_loss_start"] = _loss_ends(losses)
             if eval_clips:
                 with torch.no_grad():
                     held = list(range(min(eval_clips, len(rows))))
@@ -420,9 +436,10 @@ def align_speech_student(
 
         # ---- stage 2: through the frozen LM ----
         metrics["lm_loss"] = float("nan")
-        lm_targets = _text_path_answers(student, transcripts, 64)
         instructions = [row.instruction for row in rows]
         held = list(range(min(eval_clips, len(rows))))
+        # the text path's answers: of every clip when the behaviour stage trains on them, else of the held clips
+        lm_targets = _text_path_answers(student, transcripts if lm_steps else [transcripts[i] for i in held], 64)
         if held:
             metrics["agreement_before"] = _agreement(
                 student, [audio[i] for i in held], [instructions[i] for i in held], [lm_targets[i] for i in held]
@@ -455,19 +472,10 @@ def align_speech_student(
                     log_probs = _answer_log_probs(student, batch)
                     target = torch.cat([reference[i] for i in index]).to(device)
                     loss = F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(stage2, 1.0)
-                    optimizer.step()
-                    schedule.step()
-                    losses.append(float(loss.detach()))
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                    bar.update(1)
+                    _optimizer_step(loss, optimizer, schedule, stage2, losses, bar)
             model.audio_encoder.eval()
             model.projector.eval()
-            tail = losses[-max(1, lm_steps // 10) :]
-            metrics["lm_loss"] = float(np.mean(tail))
-            metrics["lm_loss_start"] = float(np.mean(losses[: len(tail)]))
+            metrics["lm_loss"], metrics["lm_loss_start"] = _loss_ends(losses)
         if held:
             metrics["agreement_after"] = _agreement(
                 student, [audio[i] for i in held], [instructions[i] for i in held], [lm_targets[i] for i in held]
