@@ -107,6 +107,12 @@ def test_fingerprints_follow_inputs_through_the_arm_dependency(tmp_path):
         ({"arms": {"a": {"kind": "text_teacher"}, "b": {"kind": "text_teacher"}}}, "more than one arm of kind"),
         ({"student": {"max_steps": 0}}, r"max_steps must be >= 1"),
         ({"data": {"splits": [1.0, 0.0, 0.0]}}, r"data\.splits"),
+        ({"models": {"text_knowledge": "test"}}, r"models\.text_knowledge must be one of \['train', 'all'\]"),
+        ({"models": {"student_sizes": {"audio_width": 64}}}, r"models\.student_sizes\.audio_width: not a size"),
+        ({"models": {"student_sizes": {"audio": 0}}}, r"models\.student_sizes\.audio must be a positive int"),
+        ({"models": {"student_spoken_format": 1.5}}, r"models\.student_spoken_format must be in \[0, 1\]"),
+        ({"models": {"student_spoken_format": 0.5, "student_text_steps": 0}},
+         r"models\.student_spoken_format needs models\.student_text_steps > 0"),
     ],
 )
 def test_config_errors_name_the_key(patch, match):
@@ -289,3 +295,21 @@ def test_setup_only_aligns_the_student_to_speech_when_asked(tmp_path):
         MINI, [f"output_dir={out}", "models.speech_align_steps=2", options]), setup_only=True))
     assert aligned["shared/student"] != unaligned["shared/student"]
     assert aligned["shared/text_teacher"] == unaligned["shared/text_teacher"]
+
+
+@pytest.mark.slow
+def test_setup_only_teaches_both_lms_every_question_and_the_spoken_format_when_asked(tmp_path):
+    from caad.data.spoken_qa_items import all_items
+
+    out = tmp_path / "knowledge"
+    extra = ["models.text_knowledge=all", "models.student_spoken_format=0.5"]
+    assert _caad("--setup-only", f"output_dir={out}", *extra) == 0
+    for model in ("text_teacher", "student"):  # every question of the universe, the test split's included
+        assert json.loads((out / "shared" / model / "done.json").read_text())["text_items"] == len(all_items())
+    base = dict(plan_spoken_qa_units(load_experiment_config(MINI, [f"output_dir={out}"]), setup_only=True))
+    knowledge = dict(plan_spoken_qa_units(load_experiment_config(
+        MINI, [f"output_dir={out}", extra[0]]), setup_only=True))
+    spoken = dict(plan_spoken_qa_units(load_experiment_config(MINI, [f"output_dir={out}", *extra]), setup_only=True))
+    assert knowledge["shared/text_teacher"] == spoken["shared/text_teacher"] != base["shared/text_teacher"]
+    assert len({str(base["shared/student"]), str(knowledge["shared/student"]), str(spoken["shared/student"])}) == 3
+    assert base["shared/set"] == knowledge["shared/set"] == spoken["shared/set"]

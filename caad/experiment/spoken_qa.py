@@ -5,9 +5,12 @@ Layout of the experiment folder (``output_dir``)::
     experiment.json, config.yaml       marker (one entry per invocation) and the resolved config
     shared/set/                        the built-in spoken-QA set (train/validation/test.jsonl, audio/)
     shared/tokenizer/                  one tokenizer for every model (the QA vocabulary)
-    shared/text_teacher/               the text teacher (tiny Llama) trained on the train split's text
+    shared/text_teacher/               the text teacher (tiny Llama) trained on the questions' text: the
+                                       train split's, or every split's (models.text_knowledge: all)
     shared/student/                    the student before distillation: tiny composite speech LM whose LM
-                                       was trained on the same text (+ speech alignment when configured)
+                                       was trained on the same text (part of it in the spoken prompt
+                                       format: models.student_spoken_format), + speech alignment when
+                                       configured (models.speech_align_steps)
     arms/<ref>/test/                   records.jsonl of a reference arm (text_teacher, pre_distillation)
     arms/<arm>/seed-<s>/train/         a student arm's training (run/final: the trained student)
     arms/<arm>/seed-<s>/test/          records.jsonl: its answers to the test split, spoken and as text
@@ -63,12 +66,15 @@ def _shared_settings(config: SpokenQAExperimentConfig) -> dict[str, dict[str, An
     data = {k: v for k, v in dataclasses.asdict(d).items() if k != "workers"}
     tokenizer = {"vocab": m.tokenizer_vocab_size, "texts": "qa_tokenizer_texts(all_items())"}
     inputs = {"set": fingerprint(data), "tokenizer": fingerprint(tokenizer)}
-    teacher = {**inputs, "steps": m.teacher_steps, "seed": d.seed, "model": "build_tiny_text_lm"}
+    teacher = {**inputs, "steps": m.teacher_steps, "seed": d.seed, "model": "build_tiny_text_lm",
+               "text_knowledge": m.text_knowledge}
     align = None
     if m.speech_align_steps > 0:
         align = {"steps": m.speech_align_steps, **m.speech_align}
     student = {**inputs, "text_steps": m.student_text_steps, "audio_window": m.audio_window, "seed": d.seed + 1,
-               "model": "tiny_composite_config(role=student)", "speech_align": align}
+               "model": "tiny_composite_config(role=student)", "speech_align": align,
+               "text_knowledge": m.text_knowledge, "spoken_format": m.student_spoken_format,
+               "sizes": dict(sorted(m.student_sizes.items()))}
     return {"shared/set": data, "shared/tokenizer": tokenizer, "shared/text_teacher": teacher,
             "shared/student": student}
 
@@ -132,13 +138,17 @@ def _tokenizer(config: SpokenQAExperimentConfig, folder: Path) -> dict[str, Any]
     return {"vocab": len(tokenizer)}
 
 
-def _train_text(model: Any, tokenizer: Any, set_dir: Path, steps: int, seed: int, progress: bool) -> dict[str, Any]:
+def _train_text(model: Any, tokenizer: Any, set_dir: Path, knowledge: str, steps: int, seed: int, progress: bool,
+                **spoken: Any) -> dict[str, Any]:
+    """Train ``model`` on the text of the questions ``knowledge`` names (``models.text_knowledge``)."""
     from caad.data.spoken_qa import load_spoken_qa
+    from caad.data.spoken_qa_items import QA_SPLITS
     from caad.models.text_lm import train_text_lm
 
-    items = load_spoken_qa(set_dir).items("train")
+    paths = load_spoken_qa(set_dir)
+    items = [item for split in (QA_SPLITS if knowledge == "all" else ("train",)) for item in paths.items(split)]
     result = train_text_lm(model, tokenizer, [item.text_query for item in items], [item.answer for item in items],
-                           steps=steps, seed=seed, progress=progress)
+                           steps=steps, seed=seed, progress=progress, **spoken)
     return {"text_items": len(items), "final_loss": result.losses[-1] if result.losses else None}
 
 
@@ -148,7 +158,8 @@ def _text_teacher(config: SpokenQAExperimentConfig, out: Path, folder: Path, pro
 
     tokenizer = load_tokenizer(str(out / "shared/tokenizer"))
     teacher = build_tiny_text_lm(tokenizer, seed=config.data.seed)
-    info = _train_text(teacher, tokenizer, out / "shared/set", config.models.teacher_steps, config.data.seed, progress)
+    info = _train_text(teacher, tokenizer, out / "shared/set", config.models.text_knowledge,
+                       config.models.teacher_steps, config.data.seed, progress)
     save_text_lm(teacher, tokenizer, folder)
     return info
 
@@ -160,13 +171,21 @@ def _student(config: SpokenQAExperimentConfig, out: Path, folder: Path, progress
 
     m, seed = config.models, config.data.seed + 1
     tokenizer = load_tokenizer(str(out / "shared/tokenizer"))
-    model_config = tiny_composite_config(tokenizer, role="student")
+    model_config = tiny_composite_config(tokenizer, role="student", **m.student_sizes)
     model_config.audio_config.max_source_positions = m.audio_window * 50  # 50 encoder frames per second
     student = build_speech_lm(model_config, tokenizer, seed=seed)
     info: dict[str, Any] = {}
     if m.student_text_steps:
-        info = _train_text(student.model.language_model, tokenizer, out / "shared/set", m.student_text_steps, seed,
-                           progress)
+        spoken: dict[str, Any] = {}
+        if m.student_spoken_format > 0:
+            from caad.data.manifest import read_manifest
+            from caad.models.spoken_format import SpokenPromptFormat
+
+            instruction = read_manifest(out / "shared/set/train.jsonl")[0].instruction  # what the spoken rows ask
+            spoken = {"spoken_format": SpokenPromptFormat.of(student, instruction),
+                      "spoken_fraction": m.student_spoken_format}
+        info = _train_text(student.model.language_model, tokenizer, out / "shared/set", m.text_knowledge,
+                           m.student_text_steps, seed, progress, **spoken)
     if m.speech_align_steps > 0:
         from caad.models.speech_align import align_speech_student
 

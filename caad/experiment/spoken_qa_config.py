@@ -6,7 +6,8 @@ YAML layout (every key optional except ``suite`` and ``arms``; unknown keys are 
     output_dir: runs/spoken_qa           # the experiment folder ({timestamp} expands)
     seeds: [0, 1, 2]                     # each student arm's training seed (data order, random state)
     data:   {num_examples, seed, splits, workers}     # the built-in spoken-QA set (caad.data.spoken_qa)
-    models: {tokenizer_vocab_size, teacher_steps, student_text_steps, audio_window,
+    models: {tokenizer_vocab_size, teacher_steps, student_text_steps, text_knowledge, student_spoken_format,
+             audio_window, student_sizes: {audio, audio_layers, ...},   # caad.models.tiny.TINY_SIZES["student"]
              speech_align_steps, speech_align: {batch_size, lr, ...}}   # options of align_speech_student
     student: {...}                       # every student arm's training: trainer + answer-KD keys
     eval:   {num_bootstrap, batch_size, max_new_tokens}
@@ -90,6 +91,14 @@ class QADataSettings:
     workers: int = 1  # synthesis processes (not part of the set's fingerprint: the set is the same)
 
 
+#: ``models.text_knowledge``: which questions' text the text teacher and the student's LM are trained on.
+#: ``"train"``: the train split's only, so the test split measures held-out combinations (can the LM add two
+#: numbers it never saw added?) as much as speech. ``"all"``: every question of the universe, train,
+#: validation and test, as a text LLM brings its knowledge to speech training; the spoken data still never
+#: holds a validation or test question, so the test measures whether that knowledge is reached from speech
+#: (the papers' modality gap) and forgetting is measured on questions the LMs know.
+TEXT_KNOWLEDGE = ("train", "all")
+
 #: ``models.speech_align``'s defaults: keyword options of :func:`caad.models.speech_align.align_speech_student`
 #: (none: that function's own defaults, the settings it was measured with).
 SPEECH_ALIGN_DEFAULTS: dict[str, Any] = {}
@@ -102,7 +111,10 @@ class QAModelSettings:
     tokenizer_vocab_size: int = 400
     teacher_steps: int = 300  # the text teacher's training on the train split's text
     student_text_steps: int = 500  # the student's language model, the same text first
+    text_knowledge: str = "train"  # the questions whose text both LMs learn: "train" split or "all" (see below)
+    student_spoken_format: float = 0.0  # share of the student LM's text examples in its spoken prompt format
     audio_window: int = 4  # the student's audio window in seconds (1-30)
+    student_sizes: dict[str, Any] = field(default_factory=dict)  # overrides of caad.models.tiny's student sizes
     speech_align_steps: int = 0  # > 0: caad.models.speech_align.align_speech_student before distillation
     speech_align: dict[str, Any] = field(default_factory=lambda: dict(SPEECH_ALIGN_DEFAULTS))  # its options
 
@@ -339,6 +351,10 @@ def _check_settings(config: SpokenQAExperimentConfig, where: str) -> None:
         (m.tokenizer_vocab_size >= 64, "models.tokenizer_vocab_size", "must be >= 64"),
         (m.teacher_steps >= 1, "models.teacher_steps", "must be >= 1"),
         (m.student_text_steps >= 0, "models.student_text_steps", "must be >= 0"),
+        (m.text_knowledge in TEXT_KNOWLEDGE, "models.text_knowledge", f"must be one of {list(TEXT_KNOWLEDGE)}"),
+        (0 <= m.student_spoken_format <= 1, "models.student_spoken_format", "must be in [0, 1]"),
+        (m.student_spoken_format == 0 or m.student_text_steps > 0, "models.student_spoken_format",
+         "needs models.student_text_steps > 0 (it is a share of that pre-training)"),
         (1 <= m.audio_window <= 30, "models.audio_window", "must be 1-30 seconds"),
         (m.speech_align_steps >= 0, "models.speech_align_steps", "must be >= 0 (0: no speech alignment)"),
         (e.num_bootstrap >= 0, "eval.num_bootstrap", "must be >= 0"),
@@ -347,6 +363,14 @@ def _check_settings(config: SpokenQAExperimentConfig, where: str) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{where}{key} {message}, got {_dotted(config, key)!r}")
+    from caad.models.tiny import TINY_SIZES
+
+    for key, value in m.student_sizes.items():
+        if key not in TINY_SIZES["student"]:
+            raise ConfigError(f"{where}models.student_sizes.{key}: not a size of the tiny student; known: "
+                              f"{', '.join(sorted(TINY_SIZES['student']))}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}models.student_sizes.{key} must be a positive int, got {value!r}")
     m.speech_align = {**SPEECH_ALIGN_DEFAULTS, **m.speech_align}
     if m.speech_align_steps > 0:
         _check_speech_align(m.speech_align, m.speech_align_steps, where)

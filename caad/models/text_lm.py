@@ -41,6 +41,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from caad.models.interface import IGNORE_INDEX, TargetHiddenStates, load_tokenizer, position_ids_from_mask
+from caad.models.spoken_format import SpokenPromptFormat
 from caad.models.tiny import tiny_composite_config
 from caad.models.tokenizer import build_prompt, chat_prompt, end_of_turn_token, has_chat_template
 
@@ -251,6 +252,25 @@ class TextTrainResult:
     seconds: float
 
 
+class _SpokenRenderer:
+    """Example ``i`` as encoded, or with probability ``fraction`` in ``spoken_format`` (own seeded RNG)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, queries: list[str], encoded: list[tuple[list, list]],
+                 spoken_format: SpokenPromptFormat | None, fraction: float, seed: int) -> None:
+        self.encoded, self.format, self.fraction = encoded, spoken_format, fraction
+        self.rng = random.Random(f"caad-text-lm-spoken-{seed}")
+        self.questions = [tokenizer(query, add_special_tokens=False)["input_ids"] for query in queries] \
+            if fraction > 0 else []
+
+    def __call__(self, index: int) -> tuple[list, list]:
+        ids, labels = self.encoded[index]
+        if self.format is None or self.fraction == 0 or self.rng.random() >= self.fraction:
+            return ids, labels
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # the answer's start
+        prompt = self.format.render(self.questions[index], self.rng)
+        return prompt + ids[first:], [IGNORE_INDEX] * len(prompt) + labels[first:]
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -271,6 +291,8 @@ def train_text_lm(
     max_grad_norm: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    spoken_format: SpokenPromptFormat | None = None,
+    spoken_fraction: float = 0.0,
 ) -> TextTrainResult:
     """Teach ``model`` to answer ``queries`` with ``answers`` (the text teacher's pre-training step).
 
@@ -278,6 +300,11 @@ def train_text_lm(
     (default 5% of ``steps``) of linear warm-up then linear decay to 0, gradients clipped to
     ``max_grad_norm``. Batches are drawn in epochs of a seeded shuffle (``seed``; the global RNG is not
     used). Trains in place on the model's device and leaves it in eval mode.
+
+    With ``spoken_format`` (the language model of a speech LM), each drawn example is rendered in that
+    spoken prompt format instead of the text prompt with probability ``spoken_fraction`` (fresh fillers each
+    time; :class:`caad.models.spoken_format.SpokenPromptFormat`), so the model also answers a question whose
+    tokens sit in its audio slot. ``spoken_fraction=0`` draws exactly the batches of a run without it.
     """
     from tqdm.auto import tqdm
 
@@ -293,12 +320,19 @@ def train_text_lm(
             raise ValueError(f"{name} must be a positive number, got {value!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    if isinstance(spoken_fraction, bool) or not isinstance(spoken_fraction, (int, float)) \
+            or not 0 <= spoken_fraction <= 1:
+        raise ValueError(f"spoken_fraction must be a number in [0, 1], got {spoken_fraction!r}")
+    if spoken_fraction > 0 and spoken_format is None:
+        raise ValueError(f"spoken_fraction is {spoken_fraction} but spoken_format is None: pass the speech LM's "
+                         "SpokenPromptFormat")
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= steps:
         raise ValueError(f"warmup_steps must be an int in [0, steps], got {warmup_steps!r}")
 
     end_id = text_end_token_id(tokenizer)
     encoded = [_encode(tokenizer, query, answer, end_id) for query, answer in zip(queries, answers)]
+    spoken = _SpokenRenderer(tokenizer, queries, encoded, spoken_format, spoken_fraction, seed)
     pad_id = _pad_id(tokenizer, end_id)
     device = next(model.parameters()).device
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -317,7 +351,7 @@ def train_text_lm(
                     if not order:
                         order = rng.sample(range(len(queries)), len(queries))
                     indices.append(order.pop())
-                batch = _collate([encoded[i] for i in indices], pad_id, True, "right").to(device)
+                batch = _collate([spoken(i) for i in indices], pad_id, True, "right").to(device)
                 out = model(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
