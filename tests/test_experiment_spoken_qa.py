@@ -144,8 +144,11 @@ def test_report_table_and_plot_from_records(tmp_path):
     def write(unit: str, text: list[bool], speech: list[bool] | None = None) -> None:
         folder = tmp_path / "arms" / unit
         folder.mkdir(parents=True)
-        records = [{"group": f"q{i}", "modality": "text", "correct": c} for i, c in enumerate(text)]
-        records += [{"group": f"q{i}", "modality": "speech", "correct": c} for i, c in enumerate(speech or [])]
+        task = ("addition", "facts")  # q0, q2: addition; q1, q3: facts
+        records = [{"group": f"q{i}", "task": task[i % 2], "modality": "text", "correct": c}
+                   for i, c in enumerate(text)]
+        records += [{"group": f"q{i}", "task": task[i % 2], "modality": "speech", "correct": c}
+                    for i, c in enumerate(speech or [])]
         (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (folder / "done.json").write_text("{}")
 
@@ -167,23 +170,30 @@ def test_report_table_and_plot_from_records(tmp_path):
     assert rows["ce_only"]["per_seed"] == {0: {"text_accuracy": 0.25, "speech_accuracy": 0.5},
                                            1: {"text_accuracy": 0.5, "speech_accuracy": 0.25}}
     assert rows["ce_only"]["train_seconds"] == [0.0, 2.5]
+    # speech [T, T, F, F] and [T, F, F, F]: addition (q0, q2) 2 of 4 right, facts (q1, q3) 1 of 4
+    assert rows["ce_only"]["speech_by_task"] == {"addition": 0.5, "facts": 0.25}
+    assert rows["teacher"]["speech_by_task"] == {}  # a text-only reference
     assert rows["pre"]["measures"]["forgetting"]["value"] is None  # references have no references
     results = {
         "experiment": {"command": "caad experiment --config x.yaml", "seeds": [0, 1], "unit_seconds_total": 60.0,
                        "unit_cpu_seconds_total": 30.0, "student": {"max_steps": 2, "lr": 0.1, "output": "x"},
                        "machine": {"commit": "abc123+dirty", "cpu": "Some CPU", "cores": 2, "torch": "2",
                                    "torch_threads": 1}},
-        "test": {"utterances": 8, "items": 4, "chance_accuracy": 0.25},
+        "test": {"utterances": 8, "items": 4, "chance_accuracy": 0.25,
+                 "chance_by_task": {"addition": 0.05, "facts": 0.125}},
         "rows": rows,
     }
     text = markdown(results)
     assert "Command: `caad experiment --config x.yaml`" in text and "`abc123+dirty`" in text
     assert "chance (uniform guess among each question's choices): 25.0%" in text
     assert "every student arm: max_steps 2, lr 0.1, then" in text  # the training keys only
-    table = [line for line in text.splitlines() if line.startswith("| `")]
+    main_table, by_task = text.split("Speech accuracy by task")
+    table = [line for line in main_table.splitlines() if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == ["ce_only", "sourcewise", "pre", "teacher"]
     assert table[0].split(" | ")[2:5] == ["37.5", "37.5", "+0.0"]  # no bootstrap: point values only
     assert "`ce_only` s0: 25/50, s1: 50/25" in text
+    assert "| arm | addition (chance 5) | facts (chance 12) |" in text
+    assert "| `ce_only` | 50 | 25 |" in by_task and "`pre` | 0 | 0 |" in by_task and "`teacher`" not in by_task
     plot(results, tmp_path / "plots" / "gap.png")
     assert (tmp_path / "plots" / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

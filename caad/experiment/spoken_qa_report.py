@@ -10,9 +10,12 @@ set of records (key ``"shared"``): it is not trained per seed.
 ``results.json``::
 
     {"experiment": {output_dir, command, machine, seeds, invocation_seconds, unit_seconds, config, ...},
-     "test": {utterances, items, chance_accuracy, train_utterances},
+     "test": {utterances, items, chance_accuracy, chance_by_task, train_utterances},
      "rows": {arm: {kind, method, label, measures, per_seed: {seed: {text_accuracy, speech_accuracy}},
-                    train_seconds: [per seed]}}}
+                    speech_by_task: {task: accuracy over all seeds' spoken records}, train_seconds: [per seed]}}}
+
+The overall chance mixes tasks whose chance differs tenfold (a comparison names two candidates, an addition
+19), so the report also gives each task's spoken accuracy beside its own chance.
 """
 
 from __future__ import annotations
@@ -68,10 +71,23 @@ def summarize_arms(config: SpokenQAExperimentConfig, out: Path,
             "measures": measures,
             "per_seed": {s: {k: m[k]["value"] for k in ("text_accuracy", "speech_accuracy")}
                          for s, m in by_seed.items()},
+            "speech_by_task": _accuracy_by_task(per_seed, "speech"),
             "train_seconds": [round((unit_seconds or {}).get(f"arms/{arm.name}/seed-{s}/train", 0.0), 1)
                               for s in config.seeds] if arm.is_student else None,
         }
     return rows
+
+
+def _accuracy_by_task(per_seed: Mapping[Any, list[dict[str, Any]]], modality: str) -> dict[str, float]:
+    """Share of correct ``modality`` records per task, pooled over seeds (tasks sorted)."""
+    counts: dict[str, list[int]] = {}
+    for records in per_seed.values():
+        for record in records:
+            if record["modality"] == modality:
+                entry = counts.setdefault(record["task"], [0, 0])
+                entry[0] += bool(record["correct"])
+                entry[1] += 1
+    return {task: right / total for task, (right, total) in sorted(counts.items())}
 
 
 def _test_info(out: Path) -> dict[str, Any]:
@@ -82,8 +98,17 @@ def _test_info(out: Path) -> dict[str, Any]:
         "utterances": len(rows),
         "items": len({row.group or row.id for row in rows}),
         "chance_accuracy": sum(1.0 / len(row.choices) for row in rows) / len(rows),
+        "chance_by_task": {task: sum(1.0 / len(row.choices) for row in rows if row.task == task)
+                           / sum(row.task == task for row in rows) for task in sorted({row.task for row in rows})},
         "train_utterances": len(read_manifest(out / "shared/set/train.jsonl")),
     }
+
+
+def _what_test_holds(meta: Mapping[str, Any]) -> str:
+    knowledge = meta.get("config", {}).get("models", {}).get("text_knowledge", "train")
+    if knowledge == "all":
+        return "never heard in training; both LMs learned every question's text, models.text_knowledge: all"
+    return "held-out combinations"
 
 
 def _pct(value: float | None) -> str:
@@ -105,7 +130,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"{machine['torch_threads']} thread(s); run time of all units {meta['unit_seconds_total'] / 60:.1f} min "
         f"({meta['unit_cpu_seconds_total'] / 60:.1f} CPU-min).",
         "",
-        f"Test split: {test['utterances']} utterances of {test['items']} questions (held-out combinations); chance "
+        f"Test split: {test['utterances']} utterances of {test['items']} questions ({_what_test_holds(meta)}); chance "
         f"(uniform guess among each question's choices): {100 * test['chance_accuracy']:.1f}%. Seeds "
         f"{meta['seeds']}; every student arm: {', '.join(f'{k} {v}' for k, v in student.items())}, then the "
         "arm's own settings (config.yaml); 95% bootstrap intervals over items and seeds. All numbers in percent "
@@ -126,6 +151,18 @@ def markdown(results: Mapping[str, Any]) -> str:
         ]
         lines.append(f"| `{name}` | {row['label']} | " + " | ".join(cells) + " |")
     students = {name: row for name, row in results["rows"].items() if row["kind"] == "student"}
+    chance = test.get("chance_by_task") or {}
+    spoken = {name: row for name, row in results["rows"].items() if row.get("speech_by_task")}
+    if chance and spoken:
+        lines += [
+            "",
+            "Speech accuracy by task (%, all seeds' spoken test records; chance per task in the header):",
+            "",
+            "| arm | " + " | ".join(f"{task} (chance {100 * c:.0f})" for task, c in chance.items()) + " |",
+            "|---|" + "---|" * len(chance),
+        ]
+        lines += [f"| `{name}` | " + " | ".join(_pct(row["speech_by_task"].get(task)) for task in chance) + " |"
+                  for name, row in spoken.items()]
     lines += [
         "",
         "Per seed (text / speech accuracy, %): "
