@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from caad.cli import UserError
 from caad.config import ConfigError
-from caad.experiment.config import experiment_config_from_dict, load_experiment_config
+from caad.experiment.config import experiment_config_from_dict, load_experiment_config, read_section
 from caad.experiment.harness import plan_units
 from caad.experiment.store import check_experiment_dir
 
@@ -22,6 +23,48 @@ TINY = [
     "eval.validation_items=3",
     "eval.max_new_tokens=3",
 ]
+
+
+@dataclasses.dataclass
+class _Inner:
+    width: int = 4
+
+
+@dataclasses.dataclass
+class _Section:
+    rate: float = 0.5
+    steps: int = 3
+    limit: int | None = 10
+    optional: int | None = None
+    flag: bool = False
+    name: str = "x"
+    splits: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5])
+    options: dict = dataclasses.field(default_factory=dict)
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_read_section_types_follow_the_defaults():
+    assert read_section(_Section, None, "s", "") == _Section()
+    got = read_section(_Section, {"rate": 2, "limit": None, "optional": 7, "flag": True, "splits": [1, 0],
+                                  "options": {"a": 1}, "inner": {"width": 8}}, "s", "")
+    assert got == _Section(rate=2.0, limit=None, optional=7, flag=True, splits=[1.0, 0.0], options={"a": 1},
+                           inner=_Inner(8))
+    assert isinstance(got.rate, float) and all(isinstance(v, float) for v in got.splits)
+    for data, message in [
+        ({"steps": 1.5}, r"f\.yaml: s\.steps must be int, got 1\.5"),
+        ({"steps": True}, r"s\.steps must be int, got True"),
+        ({"steps": None}, r"s\.steps must be int, got None"),  # its annotation does not admit None
+        ({"optional": "3"}, r"s\.optional must be int or null"),
+        ({"rate": False}, r"s\.rate must be float"),
+        ({"flag": 1}, r"s\.flag must be bool"),
+        ({"splits": [0.5, "a"]}, r"s\.splits must be list"),
+        ({"inner": {"width": "8"}}, r"s\.inner\.width must be int"),
+        ({"inner": {"depth": 1}}, r"unknown key\(s\) s\.inner\.depth; known: width"),
+        ({"rat": 1.0}, r"unknown key\(s\) s\.rat; known: flag, inner, limit"),
+        ([1], r"s must be a mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            read_section(_Section, data, "s", "f.yaml: ")
 
 
 def _snapshot(root: Path) -> dict[str, float]:

@@ -69,6 +69,7 @@ __all__ = [
     "Variant",
     "fingerprint",
     "load_experiment_config",
+    "read_section",
 ]
 
 #: ``suite:`` values: the CAAD corpus (this module) or the spoken-QA text-teacher ablations
@@ -268,29 +269,47 @@ def common_keys(data: dict[str, Any], default_output_dir: str, where: str) -> tu
     return output_dir, list(seeds), arms
 
 
-def _section(cls: type, data: Any, name: str, where: str) -> Any:
+def read_section(cls: type, data: Any, name: str, where: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``data`` (``None``: its defaults), checked key by key.
+
+    Each value must have its default's type, with these allowances: an int for a float (stored as a float), a
+    list of numbers for a list default (stored as floats), a nested mapping for a dataclass default (read the
+    same way), ``None`` or an int where the field's annotation admits ``None``. A bool is only a bool. Unknown
+    keys and wrong types raise :class:`ConfigError` naming ``where`` and the dotted key (``name.key``).
+    """
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise ConfigError(f"{where}{name} must be a mapping, got {data!r}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: "
-                          f"{', '.join(known)}")
-    defaults = cls()
+                          f"{', '.join(sorted(fields))}")
+    defaults, values = cls(), {}
     for key, value in data.items():
         default = getattr(defaults, key)
-        expected = type(default) if default is not None else (int,)
-        ok = isinstance(value, expected) or (isinstance(default, float) and isinstance(value, int)) or (
-            value is None and key in ("test_items", "validation_items")
-        )
-        if isinstance(value, bool) and not isinstance(default, bool):
-            ok = False
+        if dataclasses.is_dataclass(default):
+            values[key] = read_section(type(default), value, f"{name}.{key}", where)
+            continue
+        nullable = "None" in str(fields[key].type)
+        if value is None or default is None:
+            ok = (value is None and nullable) or (isinstance(value, int) and not isinstance(value, bool))
+        elif isinstance(default, list):
+            ok = isinstance(value, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
+            value = [float(v) for v in value] if ok else value
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default)) and (isinstance(default, bool) or not isinstance(value, bool))
         if not ok:
-            raise ConfigError(f"{where}{name}.{key} must be {type(default).__name__}, got {value!r}")
-    section = cls(**{key: (float(v) if isinstance(getattr(defaults, key), float) else v) for key, v in data.items()})
-    return section
+            expected = "int or null" if default is None else type(default).__name__
+            raise ConfigError(f"{where}{name}.{key} must be {expected}, got {value!r}")
+        values[key] = value
+    return cls(**values)
 
 
 def _arm(name: Any, spec: Any, where: str) -> ArmSpec:
@@ -363,11 +382,11 @@ def experiment_config_from_dict(
     config = ExperimentConfig(
         output_dir=output_dir,
         seeds=list(seeds),
-        data=_section(DataSettings, data.get("data"), "data", where),
-        models=_section(ModelSettings, data.get("models"), "models", where),
+        data=read_section(DataSettings, data.get("data"), "data", where),
+        models=read_section(ModelSettings, data.get("models"), "models", where),
         warmup=dict(data.get("warmup") or {}),
         student=dict(data.get("student") or {}),
-        eval=_section(EvalSettings, data.get("eval"), "eval", where),
+        eval=read_section(EvalSettings, data.get("eval"), "eval", where),
         arms=[_arm(name, spec, where) for name, spec in arms.items()],
         source=where.rstrip(": "),
     )

@@ -239,40 +239,6 @@ def _training_keys(value: Any, name: str, where: str) -> dict[str, Any]:
     return value
 
 
-def _section(cls: type, data: Any, name: str, where: str) -> Any:
-    """``cls`` from the mapping ``data`` with exact types (ints accepted for floats), nested dataclasses too."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}{name} must be a mapping, got {data!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"{where}unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: {', '.join(sorted(known))}"
-        )
-    defaults, values = cls(), {}
-    for key, value in data.items():
-        default = getattr(defaults, key)
-        if dataclasses.is_dataclass(default):
-            values[key] = _section(type(default), value, f"{name}.{key}", where)
-            continue
-        if isinstance(default, list):
-            ok = isinstance(value, list) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            )
-            value = [float(v) for v in value] if ok else value
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, type(default)) and not isinstance(value, bool)
-        if not ok:
-            raise ConfigError(f"{where}{name}.{key} must be {type(default).__name__}, got {value!r}")
-        values[key] = value
-    return cls(**values)
-
-
 def _arm(name: Any, spec: Any, where: str) -> QAArm:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
         raise ConfigError(f"{where}arm names must be letters, digits, '_', '.', '+' or '-', got {name!r}")
@@ -321,17 +287,17 @@ def spoken_qa_config_from_dict(data: dict[str, Any], where: str = "") -> SpokenQ
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; known (suite spoken_qa): "
                           f"{', '.join(sorted(allowed))}")
     data = copy.deepcopy(data)
-    from caad.experiment.config import common_keys  # not at import: that module imports this one lazily
+    from caad.experiment.config import common_keys, read_section  # not at import: that module imports this one lazily
 
     output_dir, seeds, arms = common_keys(data, "runs/spoken_qa", where)
     student = _training_keys(data.get("student"), "student", where)
     config = SpokenQAExperimentConfig(
         output_dir=output_dir,
         seeds=list(seeds),
-        data=_section(QADataSettings, data.get("data"), "data", where),
-        models=_section(QAModelSettings, data.get("models"), "models", where),
+        data=read_section(QADataSettings, data.get("data"), "data", where),
+        models=read_section(QAModelSettings, data.get("models"), "models", where),
         student=dict(student),
-        eval=_section(QAEvalSettings, data.get("eval"), "eval", where),
+        eval=read_section(QAEvalSettings, data.get("eval"), "eval", where),
         arms=[_arm(name, spec, where) for name, spec in arms.items()],
         source=where.rstrip(": "),
     )
