@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caad.experiment.config import ExperimentConfig, Variant, fingerprint
-from caad.experiment.store import UnitStore, check_experiment_dir, prepare_experiment_dir
+from caad.experiment.store import PlannedUnits, UnitStore, check_experiment_dir, prepare_experiment_dir
 
 if TYPE_CHECKING:
     from caad.experiment.spoken_qa_config import SpokenQAExperimentConfig
@@ -309,7 +309,6 @@ def run_experiment(
 
         raise UserError("--setup-only is for suite spoken_qa configs (it builds their shared set and models)")
     import yaml
-    from tqdm.auto import tqdm
 
     from caad.experiment.alpha_method import alpha_config
     from caad.experiment.report import write_report
@@ -327,7 +326,6 @@ def run_experiment(
     prepare_experiment_dir(out, action, {"command": command, "suite": "caad", "machine": machine_info()})
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     say(f"{action} {out}: {len(units)} units, {len(config.seeds)} seed(s), {len(config.variants())} variant(s)")
-    settings_of = dict(units)
 
     try:
         import transformers
@@ -339,15 +337,10 @@ def run_experiment(
     corpus = out / "shared/corpus/corpus"
     pseudo_gt = out / "shared/stage1/train.jsonl"
     tokenizer_dir = out / "shared/tokenizer/tokenizer"
-    bar = tqdm(total=len(units), desc="experiment", unit="unit", disable=not progress, position=0)
+    plan = PlannedUnits(store, units, progress=progress)
+    run = plan.run
     stack = contextlib.ExitStack()
     stack.enter_context(feature_cache())  # each clip featurised once in the run: both models, every epoch and arm
-
-    def run(name: str, work: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
-        bar.set_postfix_str(name, refresh=True)
-        info = store.run(name, settings_of[name], work)
-        bar.update(1)
-        return info
 
     try:
         run("shared/corpus", lambda folder: _corpus(config, folder, progress))
@@ -411,7 +404,7 @@ def run_experiment(
                     model_path = out / base / "train" / "train" / "final"
                 for split in ("test", "validation"):
                     name = f"{base}/{split}"
-                    if name not in settings_of:
+                    if name not in plan:
                         continue
                     def evaluate(folder: Path, split: str = split, variant: Variant = variant,
                                  model_path: Path = model_path, seed: int = seed,
@@ -422,7 +415,7 @@ def run_experiment(
                     run(name, evaluate)
             cache = _ModelCache()  # free the seed's models
     finally:
-        bar.close()
+        plan.close()
         stack.close()
 
     done = {name: store.done(name) or {} for name, _ in units}

@@ -38,7 +38,7 @@ from typing import Any
 from caad.experiment.config import fingerprint
 from caad.experiment.harness import ExperimentResult, machine_info
 from caad.experiment.spoken_qa_config import QAArm, SpokenQAExperimentConfig
-from caad.experiment.store import UnitStore, check_experiment_dir, prepare_experiment_dir
+from caad.experiment.store import PlannedUnits, UnitStore, check_experiment_dir, prepare_experiment_dir
 
 __all__ = ["SHARED_UNITS", "plan_spoken_qa_units", "run_spoken_qa_experiment"]
 
@@ -276,7 +276,6 @@ def run_spoken_qa_experiment(
     the ``shared/`` units and stops (no report). Everything is checked before anything is written: the config
     (when loaded), the folder and, on resume, every finished unit's settings."""
     import yaml
-    from tqdm.auto import tqdm
 
     from caad.experiment.spoken_qa_report import write_spoken_qa_report
     from caad.models.feature_cache import feature_cache
@@ -296,20 +295,14 @@ def run_spoken_qa_experiment(
     arms = config.ordered_arms()
     say(f"{action} {out}: {len(units)} units" + ("" if setup_only else
         f", {len(config.seeds)} seed(s), {len(arms)} arm(s)"))
-    settings_of = dict(units)
     with contextlib.suppress(Exception):  # cosmetic only
         import transformers
 
         transformers.logging.disable_progress_bar()
 
-    bar = tqdm(total=len(units), desc="experiment", unit="unit", disable=not progress, position=0)
+    plan = PlannedUnits(store, units, progress=progress)
+    run = plan.run
     checked = []  # the manifest is checked by the first training of this invocation only
-
-    def run(name: str, work: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
-        bar.set_postfix_str(name, refresh=True)
-        info = store.run(name, settings_of[name], work)
-        bar.update(1)
-        return info
 
     try:
         with feature_cache():  # each clip featurised once in the run: every arm, epoch and evaluation
@@ -343,7 +336,7 @@ def run_spoken_qa_experiment(
                             config, final_student(out, arm.name, seed), rows, folder, progress,
                             f"seed {seed}: {arm.name} (test)"))
     finally:
-        bar.close()
+        plan.close()
 
     done = {name: store.done(name) or {} for name, _ in units}
     unit_seconds = {name: float(info.get("seconds", 0.0)) for name, info in done.items()}

@@ -29,7 +29,7 @@ from caad.cli import UserError
 from caad.data.files import write_text_atomic
 from caad.experiment.config import fingerprint
 
-__all__ = ["MARKER", "UnitStore", "check_experiment_dir", "prepare_experiment_dir"]
+__all__ = ["MARKER", "PlannedUnits", "UnitStore", "check_experiment_dir", "prepare_experiment_dir"]
 
 MARKER = "experiment.json"
 DONE = "done.json"
@@ -147,3 +147,28 @@ class UnitStore:
         write_text_atomic(folder / DONE, json.dumps(info, indent=2, default=str) + "\n")
         self.ran.append(name)
         return info
+
+
+class PlannedUnits:
+    """The units of one invocation's plan (``[(name, settings)]``), each run through ``store`` by name, with a
+    progress bar that ticks once per unit, run or skipped. ``name in plan`` tells whether the plan has it."""
+
+    def __init__(self, store: UnitStore, units: list[tuple[str, Any]], *, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.store = store
+        self.settings = dict(units)
+        self.bar = tqdm(total=len(units), desc="experiment", unit="unit", disable=not progress, position=0)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.settings
+
+    def run(self, name: str, work: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
+        """:meth:`UnitStore.run` of unit ``name`` with its planned settings."""
+        self.bar.set_postfix_str(name, refresh=True)
+        info = self.store.run(name, self.settings[name], work)
+        self.bar.update(1)
+        return info
+
+    def close(self) -> None:
+        self.bar.close()
