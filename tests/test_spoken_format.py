@@ -15,14 +15,7 @@ from caad.models.spoken_format import SpokenPromptFormat
 from caad.models.text_lm import build_tiny_text_lm, train_text_lm
 
 ITEMS = all_items()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

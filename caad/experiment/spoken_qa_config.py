@@ -329,14 +329,7 @@ def _check_settings(config: SpokenQAExperimentConfig, where: str) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{where}{key} {message}, got {_dotted(config, key)!r}")
-    from caad.models.tiny import TINY_SIZES
-
-    for key, value in m.student_sizes.items():
-        if key not in TINY_SIZES["student"]:
-            raise ConfigError(f"{where}models.student_sizes.{key}: not a size of the tiny student; known: "
-                              f"{', '.join(sorted(TINY_SIZES['student']))}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}models.student_sizes.{key} must be a positive int, got {value!r}")
+    _check_student_sizes(m.student_sizes, where)
     m.speech_align = {**SPEECH_ALIGN_DEFAULTS, **m.speech_align}
     if m.speech_align_steps > 0:
         _check_speech_align(m.speech_align, m.speech_align_steps, where)
@@ -354,6 +347,26 @@ def _check_settings(config: SpokenQAExperimentConfig, where: str) -> None:
         if arm.method == "sourcewise" and section.needs_acoustic_teacher and arm.acoustic_teacher is None:
             raise ConfigError(f"{where}arms.{arm.name}.acoustic_teacher is required (e.g. {{arm: ce_only}}): the "
                               "acoustic teacher is another arm's final student of the same seed")
+
+
+def _check_student_sizes(sizes: dict[str, Any], where: str) -> None:
+    """``models.student_sizes`` against :data:`caad.models.tiny.TINY_SIZES`'s student: known keys, ints (>= 1;
+    ``vocab_padding`` >= 0) and widths that their head counts divide, so a bad model fails before the set is
+    synthesised."""
+    from caad.models.tiny import TINY_SIZES
+
+    for key, value in sizes.items():
+        if key not in TINY_SIZES["student"]:
+            raise ConfigError(f"{where}models.student_sizes.{key}: not a size of the tiny student; known: "
+                              f"{', '.join(sorted(TINY_SIZES['student']))}")
+        low = 0 if key == "vocab_padding" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{where}models.student_sizes.{key} must be an int >= {low}, got {value!r}")
+    merged = {**TINY_SIZES["student"], **sizes}
+    for width, heads in (("hidden", "heads"), ("heads", "kv_heads"), ("audio", "audio_heads")):
+        if merged[width] % merged[heads]:
+            raise ConfigError(f"{where}models.student_sizes: {width} ({merged[width]}) must be a multiple of "
+                              f"{heads} ({merged[heads]})")
 
 
 def _check_speech_align(options: dict[str, Any], steps: int, where: str) -> None:
